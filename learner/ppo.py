@@ -1,0 +1,184 @@
+"""The PPO math of the reference step, as small pure-torch functions.
+
+Each function mirrors one numbered step of ``shared/docs/ppo-reference.md``, which is
+the legacy TRL ``PPOTrainer.step`` (trl 0.7.11 .. 0.11.4). No Ray, no models: tensors in,
+tensors out, so every piece is tested with hand-computed numbers (tests/test_ppo_math.py).
+
+Shapes: B sequences, T = padded length - 1 (positions that predict a next token),
+V vocabulary size. ``mask`` is (B, T) float, 1 where the next token is a response token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position: (B, T, V), (B, T) -> (B, T)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """True entropy of the categorical: logsumexp(l) - sum(softmax(l) * l). (B, T, V) -> (B, T)."""
+    pd = F.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-level mean over the whole tensor: sum(x*m) / sum(m)."""
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased masked variance (Bessel's n/(n-1) with n = sum(mask)), as TRL's masked_var."""
+    n = mask.sum()
+    if n <= 1:
+        raise ValueError("masked_var needs at least two masked entries (a batch with one response token?)")
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean) ** 2, mask) * (n / (n - 1))
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) * rsqrt(var + 1e-8) with masked mean and unbiased masked variance."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def response_mask(query_lens: list[int], response_lens: list[int], offsets: list[int], width: int) -> torch.Tensor:
+    """Step 2: mask[b, t] = 1 for t in [off + Lq - 1, off + Lq - 1 + Lr), (B, width).
+
+    Built from lengths, never from ``ids != pad``: the pad id is EOS, and EOS can be a real
+    query or response token. ``offsets`` is the left padding of each row (0 when right padded).
+    """
+    mask = torch.zeros(len(query_lens), width)
+    for b, (lq, lr, off) in enumerate(zip(query_lens, response_lens, offsets)):
+        start = off + lq - 1
+        mask[b, start:start + lr] = 1.0
+    return mask
+
+
+def kl_rewards(logp_old: torch.Tensor, logp_ref: torch.Tensor, scores: torch.Tensor,
+               mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3: per-token reward = -beta * kl, plus the score on the last response token.
+
+    Returns (rewards, non_score_rewards, kl), each (B, T). Only the ``kl`` penalty
+    (logp_old - logp_ref) of the reference is defined.
+    """
+    kl = logp_old - logp_ref
+    non_score = -beta * kl
+    rewards = non_score.clone()
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)  # (B,) index of the last masked entry
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, non_score, kl
+
+
+def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,
+                   gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 4: GAE once for the batch, then whiten over masked tokens.
+
+    delta[t] = r[t] + gamma * V[t+1] - V[t] (V past the end = 0),
+    A[t] = delta[t] + gamma * lam * A[t+1]  (Schulman et al. 2016, arXiv:1506.02438).
+    Values and rewards are zeroed outside the mask first, as in TRL. Returns
+    (masked values, whitened advantages, returns = A + V before whitening), each (B, T).
+    """
+    values = values * mask
+    rewards = rewards * mask
+    T = rewards.shape[1]
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    reversed_adv = []
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        reversed_adv.append(lastgaelam)
+    advantages = torch.stack(reversed_adv[::-1], dim=1)
+    returns = advantages + values
+    return values, masked_whiten(advantages, mask).detach(), returns
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """The minibatch loss and its statistics (detached scalars), names as in the reference."""
+
+    loss: torch.Tensor  # scalar with grad: pg_loss + vf_coef * vf_loss (zeroed on a ratio spike)
+    stats: dict[str, torch.Tensor]
+    skipped: bool  # the mean ratio exceeded ratio_threshold, so the loss was zeroed
+
+
+def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor, v_old: torch.Tensor,
+             advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
+             cliprange: float, cliprange_value: float, vf_coef: float, ratio_threshold: float) -> LossOutput:
+    """Step 5: clipped surrogate + clipped value loss (Schulman et al. 2017, arXiv:1707.06347).
+
+    pg_loss = masked_mean(max(-A*r, -A*clip(r, 1-eps, 1+eps)))
+    vf_loss = 0.5 * masked_mean(max((V-R)^2, (clip(V, V_old-eps_v, V_old+eps_v)-R)^2))
+    If masked_mean(ratio) > ratio_threshold the loss (and the reported losses) become 0,
+    but the caller still runs backward and the optimizer step, as the reference does.
+    ``logits`` are (B, T, V) and only feed the entropy statistic.
+    """
+    v_clipped = torch.clamp(v_new, v_old - cliprange_value, v_old + cliprange_value)
+    vf_losses1 = (v_new - returns) ** 2
+    vf_losses2 = (v_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
+
+    ratio = torch.exp(logp_new - logp_old)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
+
+    loss = pg_loss + vf_coef * vf_loss
+    skipped = masked_mean(ratio, mask).item() > ratio_threshold
+    if skipped:
+        # The reference skips the update by zeroing the loss; Adam still steps (its moments move).
+        pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
+
+    with torch.no_grad():
+        stats = {
+            "loss/policy": pg_loss.detach(),
+            "loss/value": vf_loss.detach(),
+            "loss/total": loss.detach(),
+            "policy/entropy": masked_mean(entropy_from_logits(logits), mask),
+            "policy/approxkl": 0.5 * masked_mean((logp_new - logp_old) ** 2, mask),
+            "policy/policykl": masked_mean(logp_old - logp_new, mask),
+            "policy/clipfrac": pg_clipfrac,
+            "policy/advantages_mean": masked_mean(advantages, mask),
+            "returns/mean": masked_mean(returns, mask),
+            "returns/var": masked_var(returns, mask),
+            "val/vpred": masked_mean(v_new, mask),
+            "val/error": masked_mean((v_new - returns) ** 2, mask),
+            "val/clipfrac": vf_clipfrac,
+            "val/mean": masked_mean(v_old, mask),
+            "val/var": masked_var(v_old, mask),
+        }
+    return LossOutput(loss=loss, stats=stats, skipped=skipped)
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, arXiv:1909.08593, sec. 2.2).
+
+    e = clip(current / target - 1, -0.2, 0.2);  beta *= 1 + e * n_steps / horizon
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current: float, n_steps: int) -> None:
+        error = min(max(current / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+class FixedKLController:
+    """A KL coefficient that never changes."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = kl_coef
+
+    def update(self, current: float, n_steps: int) -> None:
+        pass

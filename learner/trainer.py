@@ -1,0 +1,200 @@
+"""The PPO learner: applies the reference step to a batch of (queries, responses, scores).
+
+A plain class; the driver wraps it with ``ray.remote`` so a cluster can place it on a GPU
+node. ``step`` follows ``shared/docs/ppo-reference.md`` step by step and returns the
+reference's statistics under the reference's names (plus ``env/*`` and ``time/*``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from learner import ppo
+from learner.config import PPOConfig
+from learner.models import PolicyWithValueHead, lm_weights, load_policy, load_tokenizer, save_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PaddedBatch:
+    """Query+response rows padded to one length; positions index the padded row."""
+
+    input_ids: torch.Tensor       # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long, 1 on real tokens
+    position_ids: torch.Tensor    # (B, L) long, each real token's position in its unpadded row
+    mask: torch.Tensor            # (B, L-1) float, 1 where the next token is a response token
+
+    def rows(self, idx: torch.Tensor) -> "PaddedBatch":
+        return PaddedBatch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.mask[idx])
+
+
+def pad_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int,
+              side: str = "right") -> PaddedBatch:
+    """Concatenate each query and response and pad; masks come from lengths, never from pad ids."""
+    rows = [q + r for q, r in zip(queries, responses)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = []
+    for b, row in enumerate(rows):
+        off = width - len(row) if side == "left" else 0
+        ids[b, off:off + len(row)] = torch.tensor(row, dtype=torch.long)
+        attn[b, off:off + len(row)] = 1
+        offsets.append(off)
+    # Position ids count real tokens only, so a left-padded row sees the positions it
+    # would see unpadded (GPT-2 has learned absolute positions).
+    pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    mask = ppo.response_mask([len(q) for q in queries], [len(r) for r in responses], offsets, width - 1)
+    return PaddedBatch(ids, attn, pos, mask)
+
+
+class PPOLearner:
+    """Holds the policy + value head, the frozen reference, Adam and the KL controller."""
+
+    def __init__(self, policy: str, ppo_cfg: PPOConfig, seed: int = 0, device: str = "auto",
+                 torch_threads: int = 0) -> None:
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if device == "auto" else device))
+        torch.manual_seed(seed)
+        self.cfg = ppo_cfg
+        self.tokenizer = load_tokenizer(policy)
+        self.model, self.ref_model = load_policy(policy, seed, str(self.device))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ppo_cfg.learning_rate)
+        self.kl_ctl = (ppo.AdaptiveKLController(ppo_cfg.init_kl_coef, ppo_cfg.target, ppo_cfg.horizon)
+                       if ppo_cfg.adap_kl_ctrl else ppo.FixedKLController(ppo_cfg.init_kl_coef))
+        self.rng = np.random.default_rng(seed)
+        self.version = 0  # bumped after every optimizer step sequence; rollouts report which they used
+        self.pad_id = self.tokenizer.eos_token_id
+        self.padding_side = "right"
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(self, model: torch.nn.Module, batch: PaddedBatch, with_values: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logits (B, L-1, V) fp32, logp of the next token (B, L-1), values (B, L-1) or None)."""
+        ids = batch.input_ids.to(self.device)
+        kwargs = dict(input_ids=ids, attention_mask=batch.attention_mask.to(self.device),
+                      position_ids=batch.position_ids.to(self.device))
+        if with_values:
+            logits, values = model(**kwargs)
+            values = values[:, :-1]
+        else:
+            logits, values = model(**kwargs, use_cache=False).logits.float(), None
+        logits = logits[:, :-1]
+        return logits, ppo.logprobs_from_logits(logits, ids[:, 1:]), values
+
+    @torch.no_grad()
+    def _rollout_forward(self, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step 1: logp_old, V_old (policy) and logp_ref (reference), chunked, no grad."""
+        fbs = self.cfg.forward_batch_size or self.cfg.mini_batch_size
+        out: list[tuple[torch.Tensor, ...]] = []
+        for start in range(0, batch.input_ids.shape[0], fbs):
+            chunk = batch.rows(torch.arange(start, min(start + fbs, batch.input_ids.shape[0])))
+            _, logp, values = self._forward(self.model, chunk, with_values=True)
+            _, logp_ref, _ = self._forward(self.ref_model, chunk, with_values=False)
+            out.append((logp, values, logp_ref))
+        return tuple(torch.cat(parts).cpu() for parts in zip(*out))  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ the PPO step
+
+    def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> dict[str, float]:
+        """One reference PPO step on a full batch; returns the reference's statistics."""
+        cfg = self.cfg
+        if not len(queries) == len(responses) == len(scores) == cfg.batch_size:
+            raise ValueError(f"step needs ppo.batch_size={cfg.batch_size} rollouts, got {len(queries)} queries, "
+                             f"{len(responses)} responses, {len(scores)} scores")
+        if any(len(r) == 0 for r in responses) or any(len(q) == 0 for q in queries):
+            raise ValueError("every query and response needs at least one token")
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+        scores_t = torch.tensor(scores, dtype=torch.float32)
+        batch = pad_batch(queries, responses, self.pad_id, self.padding_side)
+        mask = batch.mask
+
+        # 1. forward passes without grad (eval mode: dropout off)
+        logp_old, v_old, logp_ref = self._rollout_forward(batch)
+        beta = float(self.kl_ctl.value)
+        # 3. per-token rewards;  4. GAE + whitening
+        rewards, non_score, kl = ppo.kl_rewards(logp_old, logp_ref, scores_t, mask, beta)
+        values, advantages, returns = ppo.gae_advantages(v_old, rewards, mask, cfg.gamma, cfg.lam)
+        timing["time/learner/forward"] = time.perf_counter() - t0
+
+        # 5. epochs of minibatch updates
+        t1 = time.perf_counter()
+        mb_stats: list[dict[str, torch.Tensor]] = []
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.from_numpy(self.rng.permutation(cfg.batch_size))
+            for start in range(0, cfg.batch_size, cfg.mini_batch_size):
+                idx = perm[start:start + cfg.mini_batch_size]
+                mb_stats.append(self._train_minibatch(batch.rows(idx), logp_old[idx], values[idx],
+                                                      advantages[idx], returns[idx]))
+        self.version += 1
+        timing["time/learner/update"] = time.perf_counter() - t1
+
+        # statistics, then 6. the KL controller update with this step's rollout KL
+        stats = self._step_stats(queries, responses, scores_t, logp_old, logp_ref, non_score, mask, beta, mb_stats)
+        self.kl_ctl.update(stats["objective/kl"], cfg.batch_size)
+        stats.update(timing)
+        return stats
+
+    def _train_minibatch(self, mb: PaddedBatch, logp_old: torch.Tensor, v_old: torch.Tensor,
+                         advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
+        dev = self.device
+        logits, logp_new, v_new = self._forward(self.model, mb, with_values=True)
+        out = ppo.ppo_loss(logp_new, logp_old.to(dev), v_new, v_old.to(dev), advantages.to(dev),
+                           returns.to(dev), mb.mask.to(dev), logits, self.cfg.cliprange, self.cfg.cliprange_value,
+                           self.cfg.vf_coef, self.cfg.ratio_threshold)
+        if out.skipped:
+            log.warning("mean PPO ratio above ppo.ratio_threshold=%s: minibatch loss zeroed",
+                        self.cfg.ratio_threshold)
+        self.optimizer.zero_grad(set_to_none=False)
+        out.loss.backward()
+        self.optimizer.step()
+        return {k: v.detach().cpu() for k, v in out.stats.items()}
+
+    def _step_stats(self, queries, responses, scores, logp_old, logp_ref, non_score, mask, beta,
+                    mb_stats) -> dict[str, float]:
+        kl_per_seq = ((logp_old - logp_ref) * mask).sum(dim=1)
+        q_lens = torch.tensor([len(q) for q in queries], dtype=torch.float32)
+        r_lens = torch.tensor([len(r) for r in responses], dtype=torch.float32)
+        stats = {
+            "objective/kl": kl_per_seq.mean(),
+            "objective/kl_coef": torch.tensor(beta),
+            "objective/entropy": (-logp_old * mask).sum(dim=1).mean(),
+            "ppo/mean_non_score_reward": ppo.masked_mean(non_score, mask),
+            "ppo/mean_scores": scores.mean(),
+            "ppo/std_scores": scores.std(),
+            "tokens/queries_len_mean": q_lens.mean(),
+            "tokens/queries_len_std": q_lens.std(),
+            "tokens/responses_len_mean": r_lens.mean(),
+            "tokens/responses_len_std": r_lens.std(),
+        }
+        for key in mb_stats[0]:
+            stats[f"ppo/{key}"] = torch.stack([s[key] for s in mb_stats]).mean()
+        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
+        out = {k: float(v) for k, v in stats.items()}
+        out["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
+        out["env/reward_mean"] = float(scores.mean())
+        out["env/reward_std"] = float(scores.std())
+        return out
+
+    # ------------------------------------------------------------------ weights and saving
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The causal LM's weights as numpy (zero-copy in Ray's object store), tied copies once."""
+        return {k: v.numpy() for k, v in lm_weights(self.model).items()}
+
+    def save(self, folder: str) -> str:
+        return str(save_policy(self.model, self.tokenizer, folder))
+
+    def ping(self) -> dict:
+        import os
+
+        return {"pid": os.getpid(), "device": str(self.device), "version": self.version}
