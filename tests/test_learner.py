@@ -1,0 +1,100 @@
+"""The learner in one process: it learns, it saves what pipelines load, bad input fails clearly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
+
+from conftest import SHARED
+from learner.config import PPOConfig
+from learner.models import ModelLoadError, VALUE_HEAD_FILE, load_policy
+from learner.trainer import PPOLearner
+
+TINY_TOKENIZER = SHARED / "reference" / "ppo-golden" / "case1" / "policy"
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer GPT-2 saved with a real tokenizer, no value head."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _sample(learner: PPOLearner, queries: list[list[int]], new_tokens: int, gen: torch.Generator) -> list[list[int]]:
+    """Plain ancestral sampling from the learner's own policy (all queries have one length)."""
+    ids = torch.tensor(queries)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = learner.model.pretrained_model(input_ids=ids).logits[:, -1].float()
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+            ids = torch.cat([ids, nxt], dim=1)
+    return ids[:, len(queries[0]):].tolist()
+
+
+def test_ppo_raises_a_simple_reward(tiny_policy: Path):
+    """Reward = share of response tokens from a chosen set of 16 ids; PPO must raise it."""
+    target = set(range(100, 116))
+    cfg = PPOConfig(learning_rate=3e-3, batch_size=32, mini_batch_size=16, ppo_epochs=4, init_kl_coef=0.01)
+    learner = PPOLearner(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=1)
+    gen = torch.Generator().manual_seed(0)
+    means = []
+    for step in range(30):
+        queries = torch.randint(3, 280, (cfg.batch_size, 3), generator=gen).tolist()
+        responses = _sample(learner, queries, 6, gen)
+        scores = [sum(t in target for t in r) / len(r) for r in responses]
+        stats = learner.step(queries, responses, scores)
+        means.append(stats["env/reward_mean"])
+        assert stats["env/reward_mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
+    first, last = sum(means[:5]) / 5, sum(means[-5:]) / 5
+    print(f"reward first {first:.3f} last {last:.3f}")
+    assert first < 0.15, means
+    assert last > first + 0.25, f"reward did not rise: first {first:.3f}, last {last:.3f}; {means}"
+
+
+def test_saved_policy_loads_in_a_pipeline(tiny_policy: Path, tmp_path: Path):
+    learner = PPOLearner(str(tiny_policy), PPOConfig(batch_size=2, mini_batch_size=2), device="cpu")
+    out = Path(learner.save(str(tmp_path / "tuned")))
+    assert (out / VALUE_HEAD_FILE).is_file()
+    gen = pipeline("text-generation", model=str(out), device="cpu")
+    text = gen("This movie", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert text.startswith("This movie")
+    # The saved value head is the learner's, name for name.
+    again, _ = load_policy(str(out), seed=123)
+    assert torch.equal(again.v_head.summary.weight, learner.model.v_head.summary.weight)
+
+
+def test_fresh_value_head_is_seeded(tiny_policy: Path):
+    a, _ = load_policy(str(tiny_policy), seed=1)
+    b, _ = load_policy(str(tiny_policy), seed=1)
+    c, _ = load_policy(str(tiny_policy), seed=2)
+    assert torch.equal(a.v_head.summary.weight, b.v_head.summary.weight)
+    assert not torch.equal(a.v_head.summary.weight, c.v_head.summary.weight)
+
+
+def test_value_head_reads_the_last_hidden_state_after_the_final_layer_norm(tiny_policy: Path):
+    policy, _ = load_policy(str(tiny_policy), seed=0)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        _, values = policy(ids, torch.ones_like(ids), torch.arange(3)[None])
+        hidden = policy.pretrained_model.transformer(input_ids=ids).last_hidden_state  # after ln_f
+        assert torch.allclose(values, policy.v_head.summary(hidden).squeeze(-1), atol=1e-6)
+
+
+def test_missing_model_path_is_one_line_error(tmp_path: Path):
+    with pytest.raises(ModelLoadError, match="does not exist") as err:
+        PPOLearner(str(tmp_path / "nope"), PPOConfig(), device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_batch_is_rejected(tiny_policy: Path):
+    learner = PPOLearner(str(tiny_policy), PPOConfig(batch_size=4, mini_batch_size=2), device="cpu")
+    with pytest.raises(ValueError, match="ppo.batch_size=4"):
+        learner.step([[1, 2]], [[3, 4]], [1.0])
