@@ -100,7 +100,9 @@ class ClusterConfig:
     learner_cpus: float = 1.0
     """CPUs reserved for the learner actor (it does the heavy CPU work when there is no GPU)"""
     torch_threads: int = 0
-    """torch threads per actor (0: this machine's cores / 2, at least 1)"""
+    """torch threads per actor (0: the learner uses all cores, rollout and reward actors cores / num_rollout_workers)"""
+    placement_strategy: str = "PACK"
+    """Ray placement group strategy: PACK (fewest nodes), SPREAD (rollout actors across nodes), STRICT_*"""
     placement_timeout_s: float = 300.0
     """how long to wait for the resources (long enough for an autoscaler to add nodes)"""
     call_timeout_s: float = 600.0
@@ -159,6 +161,9 @@ class Config:
                               "is defined by the reference step")
         if not 0 <= p.lam <= 1 or not 0 <= p.gamma <= 1:
             raise ConfigError("ppo.gamma and ppo.lam must lie in [0, 1]")
+        if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"cluster.placement_strategy '{c.placement_strategy}' must be one of PACK, SPREAD, "
+                              "STRICT_PACK, STRICT_SPREAD")
         if self.run.steps < 0:
             raise ConfigError(f"run.steps ({self.run.steps}) must be >= 0 (0: one pass over the data)")
         for name in ("rollout.policy", "reward.model", "data.dataset"):

@@ -92,7 +92,9 @@ class PromptStream:
         return self.queries([self.texts[i] for i in idx], [int(self.query_lens[i]) for i in idx])
 
     def queries(self, texts: list[str], lengths: list[int]) -> list[list[int]]:
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # Truncation happens after tokenizing the whole text, so the first k tokens are
+        # exactly those of the full review.
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max(lengths))["input_ids"]
         return [row[:k] for row, k in zip(ids, lengths)]
 
     def load_state(self, state: DataState) -> None:

@@ -187,6 +187,10 @@ class PPOLearner:
 
     # ------------------------------------------------------------------ weights and saving
 
+    def weights(self) -> tuple[int, dict[str, np.ndarray]]:
+        """(version, weights): call with ``num_returns=2`` so the weights stay in the object store."""
+        return self.version, self.get_weights()
+
     def get_weights(self) -> dict[str, np.ndarray]:
         """The causal LM's weights as numpy (zero-copy in Ray's object store), tied copies once."""
         return {k: v.numpy() for k, v in lm_weights(self.model).items()}

@@ -1,0 +1,168 @@
+"""Ray side of the driver: connect or start Ray, reserve resources, spawn the named actors.
+
+All of a run's resources are reserved up front in one placement group: a job either gets
+everything (learner, every rollout actor, every reward replica) or stops after
+``cluster.placement_timeout_s`` with a message listing what it asked for and what the
+cluster has, never a silent wait.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.rollout import RolloutWorker
+from learner.config import Config
+from learner.trainer import PPOLearner
+from rewards.server import RewardServer
+
+log = logging.getLogger(__name__)
+
+# Passed on to every actor, so offline settings reach actors on other nodes too.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_DATASETS_OFFLINE")
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to change."""
+
+
+def connect(cfg: Config, namespace: str) -> dict[str, Any]:
+    """Join the cluster at cluster.address / RAY_ADDRESS, or start Ray on this machine.
+
+    Returns {"dashboard_url", "embedded"}. Embedded Ray declares logical CPUs for every
+    actor of the run (actors that mostly wait cost little; torch threads are set per
+    actor), and the GPUs torch sees.
+    """
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
+        embedded = False
+    else:
+        import torch
+
+        c = cfg.cluster
+        need_cpus = c.learner_cpus + c.num_rollout_workers + c.num_reward_workers
+        ctx = ray.init(num_cpus=max(int(need_cpus + 0.999), os.cpu_count() or 1),
+                       num_gpus=torch.cuda.device_count(), namespace=namespace, runtime_env=runtime_env,
+                       include_dashboard=True, dashboard_host="127.0.0.1")
+        embedded = True
+    url = getattr(ctx, "dashboard_url", None) or ""
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    return {"dashboard_url": url, "embedded": embedded}
+
+
+@dataclass
+class Roles:
+    """GPUs and CPUs each role asks for, after 'auto' (-1) is resolved against the cluster."""
+
+    learner_gpus: float
+    learner_cpus: float
+    rollout_gpus: float
+    reward_gpus: float
+
+    def bundles(self, cfg: Config) -> list[dict[str, float]]:
+        """Learner first, then one bundle per rollout actor, then one per reward replica."""
+        def bundle(cpus: float, gpus: float) -> dict[str, float]:
+            return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+        n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
+        return ([bundle(self.learner_cpus, self.learner_gpus)] + [bundle(1, self.rollout_gpus)] * n
+                + [bundle(1, self.reward_gpus)] * r)
+
+
+def resolve_roles(cfg: Config) -> Roles:
+    have_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    auto = 1.0 if have_gpus else 0.0
+    c = cfg.cluster
+    pick = lambda v: auto if v < 0 else v  # noqa: E731
+    roles = Roles(pick(c.learner_gpus), c.learner_cpus, pick(c.rollout_gpus), pick(c.reward_gpus))
+    asked = roles.learner_gpus + c.num_rollout_workers * roles.rollout_gpus + c.num_reward_workers * roles.reward_gpus
+    total = ray.cluster_resources().get("GPU", 0)
+    if asked > total and not c.address and not os.environ.get("RAY_ADDRESS"):
+        # On a fixed machine more GPUs can never appear; on a cluster an autoscaler may add them.
+        raise RunError(f"the run asks for {asked:g} GPUs (cluster.learner_gpus/rollout_gpus/reward_gpus) but this "
+                       f"machine has {total:g}; lower them or join a cluster with --address")
+    return roles
+
+
+def reserve(cfg: Config, roles: Roles) -> PlacementGroup:
+    """One placement group for the whole run; RunError if it is not granted in time."""
+    bundles = roles.bundles(cfg)
+    pg = placement_group(bundles, strategy=cfg.cluster.placement_strategy, name="ppo-run")
+    try:
+        ray.get(pg.ready(), timeout=cfg.cluster.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        asked = _total(bundles)
+        raise RunError(
+            f"resources not granted within cluster.placement_timeout_s={cfg.cluster.placement_timeout_s:g}s: the run "
+            f"asks for {_fmt(asked)} as {len(bundles)} bundles ({cfg.cluster.placement_strategy}); the cluster has "
+            f"{_fmt(ray.cluster_resources())}, available {_fmt(ray.available_resources())}. Add nodes, or lower "
+            "cluster.num_rollout_workers / *_gpus / learner_cpus") from None
+    return pg
+
+
+def _total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    keys = [k for k in ("CPU", "GPU") if k in resources] or list(resources)[:3]
+    return ", ".join(f"{resources[k]:g} {k}" for k in keys) or "nothing"
+
+
+@dataclass
+class Actors:
+    learner: Any
+    rollouts: list[Any]
+    rewards: list[Any]
+
+
+def threads(cfg: Config) -> tuple[int, int]:
+    """(learner threads, rollout/reward threads). The phases of a step run one after the
+    other, so the learner may use every core while it updates; rollout actors generate at
+    the same time as each other, so they share the cores."""
+    if cfg.cluster.torch_threads:
+        return cfg.cluster.torch_threads, cfg.cluster.torch_threads
+    cores = os.cpu_count() or 1
+    return cores, max(1, cores // cfg.cluster.num_rollout_workers)
+
+
+def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
+    """Named actors in the run's bundles: 'learner', 'rewards-<i>', 'rollout-<i>'."""
+    n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
+    at = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
+    learner_threads, t = threads(cfg)
+    # The learner reserves its bundle's CPUs; rollout and reward actors mostly wait on each
+    # other and on the learner, so their bundles hold the CPU and the actors ask for none.
+    learner = ray.remote(PPOLearner).options(
+        name="learner", num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus, scheduling_strategy=at(0),
+    ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads)
+    reward_settings = replace(cfg.reward, torch_threads=t)
+    rewards = [
+        ray.remote(RewardServer).options(
+            name=f"rewards-{i}", num_cpus=0, num_gpus=roles.reward_gpus, max_concurrency=64,
+            scheduling_strategy=at(1 + n + i),
+        ).remote(reward_settings)
+        for i in range(r)
+    ]
+    rollout_settings = replace(cfg.rollout, seed=cfg.run.seed, torch_threads=learner_threads)
+    rollouts = [
+        ray.remote(RolloutWorker).options(
+            name=f"rollout-{i}", num_cpus=0, num_gpus=roles.rollout_gpus, scheduling_strategy=at(1 + i),
+        ).remote(rollout_settings, rewards)
+        for i in range(n)
+    ]
+    return Actors(learner, rollouts, rewards)
