@@ -1,0 +1,107 @@
+"""The sentiment reward: the raw POSITIVE logit of a text classifier.
+
+The recipe (TRL's gpt2-sentiment notebook) rewards a rollout with the POSITIVE logit,
+no softmax, of `lvwerra/distilbert-imdb` on `query text + response text`. The notebook
+took that logit by list position, which broke when the pipeline sorted labels by score;
+here the index is looked up by label NAME in the model's config once at start-up.
+
+The caller decodes the texts (with special tokens skipped); this module only scores
+strings. It imports torch and transformers, never ray, learner/ or actors/.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardSettings:
+    """The reward side's own config (the learner's config tree hands it over)."""
+
+    model: str = "lvwerra/distilbert-imdb"
+    """Hub id or local `save_pretrained` folder (tried as a local folder first)."""
+    positive_label: str = "POSITIVE"
+    """Reward = raw logit of this label, found by name in config.id2label, never by position."""
+    max_length: int = 512
+    """Tokenizer truncation, in classifier tokens (DistilBERT has 512 positions)."""
+    device: str = "auto"
+    """"auto": cuda if available, else cpu; or any torch device string."""
+    torch_threads: int = 1
+    """torch intra-op threads in the scoring process."""
+    max_batch_size: int = 256
+    """Most texts in one forward pass (the server's merged batches and the scorer's chunks)."""
+    max_wait_ms: float = 20.0
+    """Server: how long the first queued request waits for others to join its batch."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when this process sees a GPU, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def find_label_index(id2label: dict[int, str], label: str) -> int:
+    """The logit index of `label`, by name; a ValueError listing the labels if absent."""
+    by_name = {name: int(index) for index, name in id2label.items()}
+    if label not in by_name:
+        have = [id2label[i] for i in sorted(id2label, key=int)]
+        raise ValueError(
+            f"reward model has no label {label!r} (its labels: {have}); "
+            f"set RewardSettings.positive_label to one of them"
+        )
+    return by_name[label]
+
+
+def _load(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and its own tokenizer, from a local folder if `name` is one, else the hub."""
+    source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+    try:
+        # fp32 explicitly: the reward must not depend on the dtype the checkpoint was saved in.
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"cannot load reward model {name!r}: not a local folder and the hub failed ({reason}); "
+            f"pass a local save_pretrained folder as RewardSettings.model"
+        ) from error
+    return model, tokenizer
+
+
+class SentimentScorer:
+    """Scores texts with a sequence classifier: one padded, no-grad fp32 forward pass per chunk."""
+
+    def __init__(self, settings: RewardSettings) -> None:
+        self.settings = settings
+        torch.set_num_threads(settings.torch_threads)
+        self.device = resolve_device(settings.device)
+        model, self.tokenizer = _load(settings.model)
+        # Fail at start-up, not at the first score, when the label is missing.
+        self.positive_index: int = find_label_index(model.config.id2label, settings.positive_label)
+        self.model = model.to(self.device).eval()
+        logger.info("reward model %s on %s, %s at logit index %d", settings.model, self.device,
+                    settings.positive_label, self.positive_index)
+
+    def score(self, texts: list[str]) -> list[float]:
+        """Raw POSITIVE logit of each text, in order."""
+        step = self.settings.max_batch_size
+        scores: list[float] = []
+        for start in range(0, len(texts), step):
+            scores.extend(self._score_chunk(texts[start:start + step]))
+        return scores
+
+    @torch.inference_mode()
+    def _score_chunk(self, texts: list[str]) -> list[float]:
+        # Padding is masked out, so a text scores the same alone or in a padded batch.
+        encoded = self.tokenizer(list(texts), padding=True, truncation=True,
+                                 max_length=self.settings.max_length, return_tensors="pt")
+        logits = self.model(**encoded.to(self.device)).logits  # (B, num_labels)
+        return logits[:, self.positive_index].float().cpu().tolist()

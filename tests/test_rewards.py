@@ -1,0 +1,225 @@
+"""The reward side on the stand-in classifier: the scorer's numbers, then the batching server
+under bare asyncio and as an async Ray actor called from several Ray actors at once.
+
+    HF_HUB_OFFLINE=1 python -m pytest tests/test_rewards.py -q
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rewards import RewardServer, RewardSettings, SentimentScorer
+
+POSITIVE_TEXT = "A wonderful, moving film with great acting."
+NEGATIVE_TEXT = "Worst film ever. Terrible plot and awful acting."
+# Different lengths, so a merged batch really pads; the empty text is [CLS] [SEP] only.
+TEXTS = [
+    POSITIVE_TEXT,
+    NEGATIVE_TEXT,
+    "Okay.",
+    "",
+    "I rented this movie on video and I thought it was the best thing I had seen all year, "
+    "the cast is superb and the story never lets go of you until the very last scene.",
+    "boring",
+    "The plot was thin but the actors did what they could with it.",
+]
+
+
+def settings_for(folder: Path, **overrides: object) -> RewardSettings:
+    return RewardSettings(model=str(folder), device="cpu", **overrides)
+
+
+@pytest.fixture(scope="module")
+def scorer(reward_dir: Path) -> SentimentScorer:
+    return SentimentScorer(settings_for(reward_dir))
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(scorer: SentimentScorer) -> dict[str, float]:
+    """Each text scored alone: the reference every batched path must match."""
+    return {text: scorer.score([text])[0] for text in TEXTS}
+
+
+# --- SentimentScorer -------------------------------------------------------------------
+
+
+def test_scores_match_published_figures(scorer: SentimentScorer) -> None:
+    # models/FIGURES.md: 1.45 and -2.28 for these two sentences.
+    assert scorer.positive_index == 1
+    positive, negative = scorer.score([POSITIVE_TEXT, NEGATIVE_TEXT])
+    assert positive == pytest.approx(1.45, abs=0.05)
+    assert negative == pytest.approx(-2.28, abs=0.05)
+
+
+def test_positive_logit_is_found_by_name(reward_dir: Path, tmp_path: Path,
+                                         scorer: SentimentScorer) -> None:
+    """POSITIVE moved to index 0 (labels and classifier rows swapped): same rewards."""
+    swapped = tmp_path / "swapped"
+    shutil.copytree(reward_dir, swapped)
+    config = json.loads((swapped / "config.json").read_text())
+    config["id2label"] = {"0": "POSITIVE", "1": "NEGATIVE"}
+    config["label2id"] = {"POSITIVE": 0, "NEGATIVE": 1}
+    (swapped / "config.json").write_text(json.dumps(config))
+    weights = load_file(swapped / "model.safetensors")
+    for name in ("classifier.weight", "classifier.bias"):
+        weights[name] = weights[name].flip(0).contiguous()  # rows follow the labels
+    save_file(weights, swapped / "model.safetensors", metadata={"format": "pt"})
+
+    moved = SentimentScorer(settings_for(swapped))
+    assert moved.positive_index == 0
+    assert moved.score(TEXTS) == pytest.approx(scorer.score(TEXTS), abs=1e-5)
+
+
+def test_missing_label_names_the_setting(reward_dir: Path) -> None:
+    with pytest.raises(ValueError, match="positive_label") as raised:
+        SentimentScorer(settings_for(reward_dir, positive_label="HAPPY"))
+    message = str(raised.value)
+    assert "NEGATIVE" in message and "POSITIVE" in message and "\n" not in message
+
+
+def test_unloadable_hub_id_asks_for_a_local_folder() -> None:
+    # HF_HUB_OFFLINE=1 (conftest) makes the hub look-up fail at once.
+    with pytest.raises(OSError, match="local save_pretrained folder") as raised:
+        SentimentScorer(RewardSettings(model="no-such-org/no-such-reward-model", device="cpu"))
+    assert "\n" not in str(raised.value)
+
+
+def test_batched_equals_one_at_a_time(reward_dir: Path, scorer: SentimentScorer,
+                                      one_at_a_time: dict[str, float]) -> None:
+    expected = [one_at_a_time[text] for text in TEXTS]
+    assert scorer.score(TEXTS) == pytest.approx(expected, abs=1e-5)
+    chunked = SentimentScorer(settings_for(reward_dir, max_batch_size=3))
+    assert chunked.score(TEXTS) == pytest.approx(expected, abs=1e-5)
+    assert scorer.score([]) == []
+
+
+# --- RewardServer under bare asyncio ----------------------------------------------------
+
+
+def requests_of(count: int) -> list[list[str]]:
+    """`count` requests of 1..4 texts each, cycling through TEXTS."""
+    return [[TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 4)] for i in range(count)]
+
+
+def test_server_merges_concurrent_requests(reward_dir: Path,
+                                           one_at_a_time: dict[str, float]) -> None:
+    server = RewardServer(settings_for(reward_dir, max_batch_size=8, max_wait_ms=50))
+    requests = requests_of(12) + [TEXTS * 2]  # the last one alone exceeds max_batch_size
+
+    async def fire() -> list[list[float]]:
+        return await asyncio.gather(*(server.score(texts) for texts in requests))
+
+    results = asyncio.run(fire())
+    for texts, scores in zip(requests, results):
+        assert scores == pytest.approx([one_at_a_time[t] for t in texts], abs=1e-5)
+    stats = server.stats()
+    total = sum(len(texts) for texts in requests)
+    assert stats["requests"] == len(requests)
+    assert stats["texts"] == total == sum(stats["batch_sizes"])
+    assert max(stats["batch_sizes"]) <= 8
+    # All requests arrive at once, so every pass but the last is full.
+    assert stats["forward_passes"] == -(-total // 8) < len(requests)
+    assert stats["mean_batch_size"] == pytest.approx(total / stats["forward_passes"])
+    server.reset_stats()
+    assert server.stats()["requests"] == 0 and server.stats()["batch_sizes"] == []
+
+
+class FailingOnceServer(RewardServer):
+    """Test-only: the first forward pass raises, as a CUDA OOM or a broken model would."""
+
+    failed = False
+
+    def _forward(self, texts: list[str]) -> list[float]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("forward pass failed on purpose")
+        return super()._forward(texts)
+
+
+def test_failed_forward_pass_reaches_every_caller(reward_dir: Path,
+                                                  one_at_a_time: dict[str, float]) -> None:
+    server = FailingOnceServer(settings_for(reward_dir, max_batch_size=64, max_wait_ms=50))
+
+    async def fire() -> tuple[list[object], list[float]]:
+        calls = (server.score(texts) for texts in requests_of(5))
+        failed = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+        # The server survives the failure: the next request is scored normally.
+        after = await asyncio.wait_for(server.score([POSITIVE_TEXT]), 30)
+        return failed, after
+
+    failed, after = asyncio.run(fire())
+    assert len(failed) == 5
+    assert all(isinstance(error, RuntimeError) for error in failed)
+    assert after == pytest.approx([one_at_a_time[POSITIVE_TEXT]], abs=1e-5)
+
+
+def test_bad_input_fails_only_its_caller(reward_dir: Path,
+                                         one_at_a_time: dict[str, float]) -> None:
+    server = RewardServer(settings_for(reward_dir, max_wait_ms=50))
+
+    async def fire() -> list[object]:
+        calls = [server.score([NEGATIVE_TEXT]), server.score([None]), server.score("a str")]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+
+    good, bad, str_instead_of_list = asyncio.run(fire())
+    assert good == pytest.approx([one_at_a_time[NEGATIVE_TEXT]], abs=1e-5)
+    assert isinstance(bad, TypeError) and isinstance(str_instead_of_list, TypeError)
+
+
+# --- RewardServer as an async Ray actor ---------------------------------------------------
+
+
+def test_ray_server_merges_requests_of_several_actors(ray_local, reward_dir: Path,
+                                                      one_at_a_time: dict[str, float]) -> None:
+    ray = ray_local
+
+    class Caller:
+        """A stand-in rollout actor: sends its requests without waiting in between.
+
+        Defined here, not at module level: Ray workers cannot import this test module, and
+        cloudpickle ships a function-local class by value.
+        """
+
+        def ready(self, server: object) -> int:
+            return os.getpid()  # receiving the handle already loaded the server's class
+
+        def fire(self, server: object, requests: list[list[str]]) -> list[list[float]]:
+            import ray
+
+            return ray.get([server.score.remote(texts) for texts in requests])
+
+    # A long window, so requests from separate processes surely land in the same one.
+    settings = settings_for(reward_dir, max_batch_size=256, max_wait_ms=1000)
+    server = ray.remote(num_cpus=0, max_concurrency=32)(RewardServer).remote(settings)
+    # Two actors and the driver: three callers. Each actor that receives the server's
+    # handle imports rewards.server (Ray loads the actor class to deserialize a handle),
+    # i.e. torch + transformers, ~5 s of CPU per stand-in caller here; hence only two,
+    # and the handle is handed over before firing, so that all callers fire together.
+    callers = [ray.remote(num_cpus=0)(Caller).remote() for _ in range(2)]
+    ray.get([caller.ready.remote(server) for caller in callers])
+    where = ray.get(server.ping.remote(), timeout=120)
+    assert where["pid"] != os.getpid() and where["node_id"] and where["device"] == "cpu"
+
+    per_caller = [requests_of(6)[:3], requests_of(6)[3:]]
+    own = requests_of(8)[6:]  # the driver sends two requests as well
+    fired = [caller.fire.remote(server, reqs) for caller, reqs in zip(callers, per_caller)]
+    own_refs = [server.score.remote(texts) for texts in own]
+    results = [*ray.get(fired, timeout=60)] + [ray.get(own_refs, timeout=60)]
+
+    for requests, scores in zip(per_caller + [own], results):
+        for texts, got in zip(requests, scores):
+            assert got == pytest.approx([one_at_a_time[t] for t in texts], abs=1e-5)
+    stats = ray.get(server.stats.remote())
+    assert stats["requests"] == 8
+    assert stats["forward_passes"] < stats["requests"]
+    # Fewer passes than callers: at least one pass merged requests of different callers.
+    assert stats["forward_passes"] < 3, stats
+    for actor in [server, *callers]:
+        ray.kill(actor)
