@@ -1,0 +1,317 @@
+"""Rollout worker: samples responses to IMDB query openings with the current policy.
+
+A plain Python class; the driver makes it an actor with ``ray.remote(...)(RolloutWorker)``.
+Each PPO step the driver splits the step's queries into shards, one per worker; a worker
+generates its shard in one batched ``generate`` call and (in ``rollout``) sends the texts
+to a sentiment scorer.
+
+Sampling is the reference recipe's (docs/seed.md): top_k=0, top_p=1.0, temperature 1,
+``max_new_tokens`` drawn uniformly from [response_min_tokens, response_max_tokens] per query,
+EOS ends a response and stays in it. Generating to the longest drawn length and cutting each
+response to its own length samples the same distribution as one query at a time.
+
+Two faults of the original notebook are avoided on purpose: it generated one query at a time
+(slow), and it cut responses with ``[-gen_len:]``, which takes query tokens when EOS ends a
+response early. Here the generated ids are sliced off at the padded input length.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutSettings:
+    """The rollout worker's own config (the learner's config tree hands it over)."""
+
+    policy: str = "lvwerra/gpt2-imdb"
+    """Hub id or local save_pretrained folder of the policy (tried as a local folder first)."""
+    response_min_tokens: int = 4
+    """Smallest per-query max_new_tokens; each query draws uniformly from [min, max] inclusive."""
+    response_max_tokens: int = 15
+    """Largest per-query max_new_tokens."""
+    top_k: int = 0
+    """0 disables top-k filtering (the recipe)."""
+    top_p: float = 1.0
+    """1.0 disables nucleus filtering (the recipe)."""
+    temperature: float = 1.0
+    """Sampling temperature (the recipe: 1). Log-probs are of the untempered policy, as in TRL."""
+    seed: int = 0
+    """Base seed; lengths and sampling are seeded from (seed, step, shard)."""
+    device: str = "auto"
+    """'auto': cuda if available else cpu; or any torch device string."""
+    torch_threads: int = 1
+    """torch.set_num_threads in the worker, so several actors on one node don't oversubscribe cores."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.response_min_tokens <= self.response_max_tokens:
+            raise ValueError(
+                f"need 1 <= response_min_tokens <= response_max_tokens, got "
+                f"{self.response_min_tokens} and {self.response_max_tokens}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or self.temperature <= 0.0:
+            raise ValueError(f"need top_k >= 0, 0 < top_p <= 1 and temperature > 0, got top_k={self.top_k}, "
+                             f"top_p={self.top_p}, temperature={self.temperature}")
+        if self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+
+
+@dataclass
+class Rollout:
+    """What a rollout worker returns for its shard of one step's queries.
+
+    B is the shard's number of queries; Lq_i and Lr_i the i-th query's and response's lengths.
+    """
+
+    queries: list[list[int]]
+    """(B, Lq_i) policy token ids of the queries, as given."""
+    responses: list[list[int]]
+    """(B, Lr_i) sampled token ids, cut to the query's drawn length and after the first EOS (EOS kept)."""
+    texts: list[str]
+    """(B,) decode(query + response, skip_special_tokens=True): what the reward model reads.
+    The notebook kept <|endoftext|> in the text; skipping it is a deliberate change."""
+    logprobs: list[list[float]]
+    """(B, Lr_i) behaviour-policy log-prob of each response token, from generate's raw logits in fp32."""
+    scores: list[float] | None
+    """(B,) reward per sequence; None until scored."""
+    weight_version: int
+    """Version of the weights that generated these (the learner's update count at sync)."""
+    step: int
+    """PPO step the queries belong to."""
+    shard: int
+    """Which shard of the step's queries this is."""
+    generate_seconds: float
+    """Wall time of padding, generate, cutting and decoding."""
+    score_seconds: float
+    """Wall time of scoring (0.0 until scored)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; an explicit cuda device without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"RolloutSettings.device={name!r} but CUDA is not available here")
+    return device
+
+
+def load_policy(policy: str) -> tuple[PreTrainedModel, Any]:
+    """Loads the causal LM (fp32, as the recipe) and its tokenizer from a local folder or the hub."""
+    if Path(policy).is_dir():
+        # A local folder must load; its errors are real and pass through unchanged.
+        return (AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(policy))
+    try:
+        return (AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(policy))
+    except (OSError, ValueError) as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise OSError(f"policy model {policy!r} is not a local folder and could not be loaded from the hub "
+                      f"({reason}): pass a local save_pretrained folder") from None
+
+
+def draw_lengths_and_seed(settings: RolloutSettings, step: int, shard: int, n: int) -> tuple[list[int], int]:
+    """Per-query response lengths and the torch sampling seed, both from (seed, step, shard).
+
+    Two independent child streams, so the torch seed does not depend on the shard size.
+    """
+    length_seq, torch_seq = np.random.SeedSequence([settings.seed, step, shard]).spawn(2)
+    lengths = np.random.default_rng(length_seq).integers(
+        settings.response_min_tokens, settings.response_max_tokens + 1, size=n)
+    return [int(x) for x in lengths], int(torch_seq.generate_state(1, dtype=np.uint64)[0])
+
+
+def left_pad(queries: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pads token-id lists so every query ends where generation starts.
+
+    Returns input_ids (B, P) and attention_mask (B, P), P the longest query.
+    """
+    width = max(len(q) for q in queries)
+    input_ids = torch.full((len(queries), width), pad_id, dtype=torch.long)  # (B, P)
+    attention_mask = torch.zeros((len(queries), width), dtype=torch.long)  # (B, P)
+    for i, query in enumerate(queries):
+        if query:
+            input_ids[i, width - len(query):] = torch.tensor(query, dtype=torch.long)
+            attention_mask[i, width - len(query):] = 1
+    return input_ids, attention_mask
+
+
+def cut_response(tokens: list[int], length: int, eos_id: int) -> int:
+    """Length of a response: its drawn length, or up to and including its first EOS if sooner."""
+    head = tokens[:length]
+    return head.index(eos_id) + 1 if eos_id in head else len(head)
+
+
+def sampling_config(settings: RolloutSettings, max_new_tokens: int, eos_id: int) -> GenerationConfig:
+    """A complete sampling config, so no field falls back to the model's generation_config.json.
+
+    transformers 5 fills every field left None from model.generation_config (min_length,
+    repetition_penalty, ...); the worker also replaces that with a bare one at load time.
+    """
+    return GenerationConfig(
+        do_sample=True, top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature,
+        max_new_tokens=max_new_tokens, min_length=0, num_beams=1,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True,
+        output_logits=True, return_dict_in_generate=True)
+
+
+def sample_batch(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 config: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batched generate call (KV cache on); returns sequences (B, P+T) and new-token log-probs (B, T).
+
+    Log-probs come from the raw logits (before any warper) in fp32, so they are the policy's own
+    log pi(token | prefix), the quantity PPO's ratio needs; with the recipe's sampling the
+    warpers are identities anyway.
+    """
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    new_ids = out.sequences[:, input_ids.shape[1]:]  # (B, T): sliced at the padded input length
+    # One step at a time keeps the peak at (B, V) rather than (B, T, V) for a 50k vocabulary.
+    logprobs = torch.stack([
+        torch.log_softmax(step_logits.float(), dim=-1).gather(-1, new_ids[:, t:t + 1]).squeeze(-1)
+        for t, step_logits in enumerate(out.logits)], dim=1)  # (B, T)
+    return out.sequences, logprobs
+
+
+def tied_duplicates(model: torch.nn.Module) -> set[str]:
+    """state_dict names that alias an earlier entry's storage (GPT-2's lm_head.weight -> wte)."""
+    seen: set[int] = set()
+    duplicates: set[str] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            duplicates.add(name)
+        seen.add(tensor.data_ptr())
+    return duplicates
+
+
+class RolloutWorker:
+    """Generates (and optionally scores) one shard of a PPO step's queries with the current policy."""
+
+    def __init__(self, settings: RolloutSettings, scorers: Sequence[Any] = ()) -> None:
+        torch.set_num_threads(settings.torch_threads)
+        self.settings = settings
+        self.scorers = list(scorers)
+        self.device = resolve_device(settings.device)
+        self.model, self.tokenizer = load_policy(settings.policy)
+        # The recipe pads with EOS (GPT-2 has no pad token); left padding so generation continues each query.
+        self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        # A bare generation config, so nothing from generation_config.json reaches sampling.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.eos_id, eos_token_id=self.eos_id, pad_token_id=self.eos_id)
+        self.model.to(self.device).eval()
+        self.max_positions = int(getattr(self.model.config, "n_positions",
+                                         getattr(self.model.config, "max_position_embeddings", 0)))
+        self._tied = tied_duplicates(self.model)
+        self._weight_version = 0
+        logger.info("rollout worker pid %d: %s on %s, %d torch threads", os.getpid(), settings.policy,
+                    self.device, settings.torch_threads)
+
+    @property
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    def load_weights(self, weights: dict[str, np.ndarray | torch.Tensor], version: int) -> int:
+        """Copies a full set of policy weights in place (names as in the causal LM's state_dict)."""
+        params = self.model.state_dict()
+        unknown = sorted(set(weights) - set(params))
+        missing = sorted(set(params) - set(weights) - self._tied)
+        if unknown or missing:
+            raise ValueError(f"load_weights: unknown names {unknown[:5]}{'...' if len(unknown) > 5 else ''}, "
+                             f"missing names {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        # A tied name (lm_head.weight) may be given too: it writes the same storage as its twin.
+        with torch.no_grad(), warnings.catch_warnings():
+            # Arrays from Ray's object store are read-only; they are only read here, so the
+            # "non-writable array" warning of torch.as_tensor does not apply.
+            warnings.simplefilter("ignore", UserWarning)
+            for name, value in weights.items():
+                source = torch.as_tensor(value)
+                if source.shape != params[name].shape:
+                    raise ValueError(f"load_weights: {name} has shape {tuple(source.shape)}, "
+                                     f"the model's is {tuple(params[name].shape)}")
+                params[name].copy_(source)
+        self._weight_version = int(version)
+        logger.debug("loaded weights version %d", version)
+        return self._weight_version
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The policy's state_dict as numpy copies, tied duplicates omitted."""
+        return {name: tensor.detach().cpu().clone().numpy()
+                for name, tensor in self.model.state_dict().items() if name not in self._tied}
+
+    def generate(self, queries: list[list[int]], step: int, shard: int) -> Rollout:
+        """Samples one response per query in a single batched generate call; scores stay None."""
+        queries = self._checked_queries(queries)
+        start = time.perf_counter()
+        lengths, torch_seed = draw_lengths_and_seed(self.settings, step, shard, len(queries))
+        input_ids, attention_mask = left_pad(queries, self.eos_id)
+        torch.manual_seed(torch_seed)
+        sequences, logprobs = sample_batch(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device),
+            sampling_config(self.settings, max(lengths), self.eos_id))
+        new_ids = sequences[:, input_ids.shape[1]:].tolist()  # (B, T)
+        new_logprobs = logprobs.tolist()  # (B, T)
+        keep = [cut_response(ids, n, self.eos_id) for ids, n in zip(new_ids, lengths)]
+        responses = [ids[:k] for ids, k in zip(new_ids, keep)]
+        texts = self.tokenizer.batch_decode([q + r for q, r in zip(queries, responses)],
+                                            skip_special_tokens=True)
+        return Rollout(queries=queries, responses=responses, texts=texts,
+                       logprobs=[lp[:k] for lp, k in zip(new_logprobs, keep)], scores=None,
+                       weight_version=self._weight_version, step=step, shard=shard,
+                       generate_seconds=time.perf_counter() - start, score_seconds=0.0)
+
+    def rollout(self, queries: list[list[int]], step: int, shard: int, timeout_s: float = 300.0) -> Rollout:
+        """generate, then score the texts with this shard's scorer."""
+        if not self.scorers:
+            raise ValueError("rollout() needs a scorer: pass scorers= to RolloutWorker, or call generate()")
+        result = self.generate(queries, step, shard)
+        start = time.perf_counter()
+        result.scores = self._score(self.scorers[shard % len(self.scorers)], result.texts, timeout_s)
+        result.score_seconds = time.perf_counter() - start
+        return result
+
+    def ping(self) -> dict:
+        """Where this worker runs, for the driver's start-up log and health checks."""
+        import ray  # only needed here and for scorer handles; the plain class works without Ray
+
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"pid": os.getpid(), "node_id": node_id, "device": str(self.device),
+                "weight_version": self._weight_version}
+
+    def _checked_queries(self, queries: list[list[int]]) -> list[list[int]]:
+        """Plain int lists (a numpy row would turn `query + response` into addition), length-checked."""
+        if len(queries) == 0 or any(len(q) == 0 for q in queries):
+            raise ValueError("generate() needs a non-empty list of non-empty queries")
+        queries = [[int(t) for t in q] for q in queries]
+        longest = max(len(q) for q in queries)
+        if self.max_positions and longest + self.settings.response_max_tokens > self.max_positions:
+            raise ValueError(
+                f"query length {longest} + RolloutSettings.response_max_tokens "
+                f"{self.settings.response_max_tokens} exceeds the policy's n_positions {self.max_positions}")
+        return queries
+
+    @staticmethod
+    def _score(scorer: Any, texts: list[str], timeout_s: float) -> list[float]:
+        """Calls a local scorer directly, or a Ray actor handle with a timeout."""
+        if hasattr(scorer.score, "remote"):
+            import ray
+
+            scores = ray.get(scorer.score.remote(texts), timeout=timeout_s)
+        else:
+            scores = scorer.score(texts)
+        if len(scores) != len(texts):
+            raise ValueError(f"scorer returned {len(scores)} scores for {len(texts)} texts")
+        return [float(s) for s in scores]

@@ -1,0 +1,225 @@
+"""Tests of actors/rollout.py on the stand-in policy (gpt2-imdb-mini), mostly without Ray.
+
+Run: HF_HUB_OFFLINE=1 python -m pytest tests/test_rollout.py -q
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actors import Rollout, RolloutSettings, RolloutWorker
+from actors.rollout import draw_lengths_and_seed, left_pad, sample_batch, sampling_config
+
+OPENINGS = ["This movie was", "I", "The acting in this film is really", "Worst",
+            "One of the best films of the", "My wife and I watched", "If you like horror", "Oh dear"]
+EOS_BOOST_DIM = 0  # hidden dimension used to raise the EOS logit (see eos_prone_weights)
+
+
+class WordCounter:
+    """A real, tiny scorer: how often a word occurs in each text."""
+
+    def __init__(self, word: str) -> None:
+        self.word = word
+
+    def score(self, texts: list[str]) -> list[float]:
+        return [float(text.lower().split().count(self.word)) for text in texts]
+
+
+def make_settings(policy: Path | str, **overrides) -> RolloutSettings:
+    # Keep the test process's thread count: the worker sets it process-wide.
+    return RolloutSettings(policy=str(policy), torch_threads=torch.get_num_threads(), **overrides)
+
+
+def eos_prone_weights(worker: RolloutWorker, boost: float) -> dict[str, np.ndarray]:
+    """The worker's weights with `boost` added to the EOS logit at every position.
+
+    With tied embeddings, logit_v = h . wte[v]. Zeroing one hidden dimension d of wte except
+    for EOS, and pinning the final hidden state's d to a constant (ln_f weight 0, bias c),
+    adds wte[eos, d] * c to the EOS logit only.
+    """
+    weights = worker.get_weights()
+    eos, d = worker.eos_id, EOS_BOOST_DIM
+    weights["transformer.wte.weight"][:, d] = 0.0
+    weights["transformer.wte.weight"][eos, d] = 10.0
+    weights["transformer.ln_f.weight"][d] = 0.0
+    weights["transformer.ln_f.bias"][d] = boost / 10.0
+    return weights
+
+
+@pytest.fixture(scope="module")
+def worker(policy_dir: Path) -> RolloutWorker:
+    """A worker on the original weights; tests that change weights build their own."""
+    return RolloutWorker(make_settings(policy_dir))
+
+
+@pytest.fixture(scope="module")
+def eos_worker(policy_dir: Path) -> RolloutWorker:
+    """A worker whose policy ends about half of its responses early with EOS."""
+    w = RolloutWorker(make_settings(policy_dir))
+    w.load_weights(eos_prone_weights(w, boost=5.0), version=3)
+    return w
+
+
+@pytest.fixture(scope="module")
+def queries(worker: RolloutWorker) -> list[list[int]]:
+    """Real openings of different lengths (1 to 7 tokens), twice over: 16 queries."""
+    return [worker.tokenizer(text)["input_ids"] for text in OPENINGS] * 2
+
+
+def test_responses_are_cut_to_drawn_length_and_first_eos(eos_worker: RolloutWorker, queries):
+    settings, eos = eos_worker.settings, eos_worker.eos_id
+    ended_early = 0
+    for step in range(4):
+        out = eos_worker.generate(queries, step=step, shard=0)
+        drawn, _ = draw_lengths_and_seed(settings, step, 0, len(queries))
+        assert [len(lp) for lp in out.logprobs] == [len(r) for r in out.responses]
+        for response, length in zip(out.responses, drawn):
+            assert settings.response_min_tokens <= length <= settings.response_max_tokens
+            assert 1 <= len(response) <= length
+            assert eos not in response[:-1], "EOS must end the response"
+            assert len(response) == length or response[-1] == eos, "only EOS may end a response early"
+            ended_early += len(response) < length
+    assert ended_early > 0, "the EOS-prone policy should end some responses early"
+
+
+def test_sequences_are_left_padded_input_then_response(eos_worker: RolloutWorker, queries):
+    """Redo generate's one batched call by hand and check that the responses are its new ids."""
+    out = eos_worker.generate(queries, step=5, shard=2)
+    lengths, seed = draw_lengths_and_seed(eos_worker.settings, 5, 2, len(queries))
+    input_ids, mask = left_pad(queries, eos_worker.eos_id)
+    torch.manual_seed(seed)
+    sequences, _ = sample_batch(eos_worker.model, input_ids, mask,
+                                sampling_config(eos_worker.settings, max(lengths), eos_worker.eos_id))
+    width = input_ids.shape[1]
+    for i, (query, response) in enumerate(zip(queries, out.responses)):
+        assert mask[i].tolist() == [0] * (width - len(query)) + [1] * len(query)
+        assert sequences[i, :width].tolist() == [eos_worker.eos_id] * (width - len(query)) + query
+        assert sequences[i, width:width + len(response)].tolist() == response
+
+
+def test_forced_eos_gives_eos_only_responses_not_query_tokens(policy_dir: Path, queries):
+    """The notebook's [-gen_len:] cut returned query tokens when EOS came first; here it is [EOS]."""
+    w = RolloutWorker(make_settings(policy_dir))
+    w.load_weights(eos_prone_weights(w, boost=100.0), version=1)
+    out = w.generate(queries, step=0, shard=0)
+    assert out.responses == [[w.eos_id]] * len(queries)
+    assert out.texts == w.tokenizer.batch_decode(queries, skip_special_tokens=True)
+    assert np.allclose([lp[0] for lp in out.logprobs], 0.0, atol=1e-4)
+
+
+def test_same_seed_step_shard_gives_same_tokens(worker: RolloutWorker, queries, policy_dir: Path):
+    first = worker.generate(queries, step=3, shard=1)
+    again = RolloutWorker(make_settings(policy_dir)).generate(queries, step=3, shard=1)
+    assert again.responses == first.responses
+    assert again.logprobs == first.logprobs
+    as_arrays = worker.generate([np.array(q, dtype=np.int64) for q in queries], step=3, shard=1)
+    assert as_arrays.queries == queries and as_arrays.responses == first.responses
+    assert worker.generate(queries, step=4, shard=1).responses != first.responses
+    assert worker.generate(queries, step=3, shard=2).responses != first.responses
+
+
+def test_model_generation_config_file_is_ignored(worker: RolloutWorker, queries, policy_dir: Path,
+                                                  tmp_path: Path):
+    """Settings in generation_config.json (penalties, min length, top-k) must not change sampling."""
+    folder = tmp_path / "policy"
+    shutil.copytree(policy_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, min_length=40, top_k=3, temperature=0.3)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    tampered = RolloutWorker(make_settings(folder))
+    assert tampered.generate(queries, 7, 0).responses == worker.generate(queries, 7, 0).responses
+
+
+def test_logprobs_equal_unpadded_forward_pass(eos_worker: RolloutWorker, queries):
+    """Left padding must not shift positions: compare with each query + response alone."""
+    out = eos_worker.generate(queries, step=1, shard=0)
+    for query, response, logprobs in zip(out.queries, out.responses, out.logprobs):
+        ids = torch.tensor([query + response])  # (1, Lq + Lr), no padding
+        with torch.no_grad():
+            logits = eos_worker.model(input_ids=ids).logits[0].float()  # (Lq + Lr, V)
+        # Position t predicts token t + 1: the response tokens are predicted from Lq - 1 on.
+        expected = torch.log_softmax(logits[len(query) - 1:-1], dim=-1).gather(
+            -1, torch.tensor(response)[:, None]).squeeze(-1)
+        assert np.allclose(logprobs, expected.numpy(), atol=1e-4)
+
+
+def test_load_weights_round_trip_and_version(policy_dir: Path, queries):
+    w = RolloutWorker(make_settings(policy_dir))
+    rng = np.random.default_rng(0)
+    perturbed = {k: v + rng.normal(0, 0.01, v.shape).astype(v.dtype) for k, v in w.get_weights().items()}
+    assert "lm_head.weight" not in perturbed  # tied to transformer.wte.weight
+    for value in perturbed.values():
+        value.flags.writeable = False  # as arrays arrive from Ray's object store
+    assert w.load_weights(perturbed, version=7) == 7
+    loaded = w.get_weights()
+    assert loaded.keys() == perturbed.keys()
+    assert all(np.array_equal(loaded[k], perturbed[k]) for k in perturbed)
+    assert torch.equal(w.model.lm_head.weight, w.model.transformer.wte.weight)  # tie kept
+    assert w.weight_version == 7
+    assert w.generate(queries, step=0, shard=0).weight_version == 7
+
+
+def test_load_weights_rejects_unknown_and_missing_names(worker: RolloutWorker):
+    weights = worker.get_weights()
+    with pytest.raises(ValueError, match="unknown names \\['not.a.weight'\\]"):
+        worker.load_weights({**weights, "not.a.weight": np.zeros(1)}, version=1)
+    del weights["transformer.h.0.ln_1.bias"]
+    with pytest.raises(ValueError, match="missing names \\['transformer.h.0.ln_1.bias'\\]"):
+        worker.load_weights(weights, version=1)
+    assert worker.weight_version == 0
+
+
+def test_bad_queries_and_settings_raise(worker: RolloutWorker):
+    with pytest.raises(ValueError, match="non-empty"):
+        worker.generate([], step=0, shard=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        worker.generate([[5, 6], []], step=0, shard=0)
+    with pytest.raises(ValueError, match="response_max_tokens 15 exceeds the policy's n_positions 256"):
+        worker.generate([[5] * 250], step=0, shard=0)
+    with pytest.raises(ValueError, match="response_min_tokens"):
+        RolloutSettings(response_min_tokens=9, response_max_tokens=4)
+
+
+def test_unreachable_hub_id_gives_one_line_error():
+    with pytest.raises(OSError, match="not a local folder .* pass a local save_pretrained folder") as info:
+        RolloutWorker(make_settings("no-such-org/no-such-model"))
+    assert "\n" not in str(info.value)
+
+
+def test_rollout_scores_with_local_scorers(policy_dir: Path, queries):
+    scorers = [WordCounter("the"), WordCounter("a")]
+    w = RolloutWorker(make_settings(policy_dir), scorers=scorers)
+    for shard in (0, 1, 2):
+        out = w.rollout(queries, step=2, shard=shard)
+        assert isinstance(out, Rollout)
+        assert out.scores == scorers[shard % 2].score(out.texts)
+        assert out.score_seconds >= 0.0 and out.generate_seconds > 0.0
+    assert w.generate(queries, step=2, shard=0).scores is None
+    with pytest.raises(ValueError, match="needs a scorer"):
+        RolloutWorker(make_settings(policy_dir)).rollout(queries, step=0, shard=0)
+
+
+def test_rollout_scores_with_ray_actor_handle(ray_local, worker: RolloutWorker, queries):
+    """The worker as a Ray actor, scoring through another actor's handle, as the driver spawns them."""
+
+    class RemoteWordCounter:
+        # Defined inside the test so Ray ships it by value: Ray's workers cannot import this test module.
+        def score(self, texts: list[str]) -> list[float]:
+            return [float(text.lower().split().count("the")) for text in texts]
+
+    scorer = ray_local.remote(num_cpus=0)(RemoteWordCounter).remote()
+    remote_worker = ray_local.remote(num_cpus=0)(RolloutWorker).remote(worker.settings, [scorer])
+    out = ray_local.get(remote_worker.rollout.remote(queries, 6, 0, 60.0), timeout=120)
+    assert out.responses == worker.generate(queries, step=6, shard=0).responses
+    assert out.scores == WordCounter("the").score(out.texts)
+    info = ray_local.get(remote_worker.ping.remote(), timeout=60)
+    assert info["node_id"] == ray_local.get_runtime_context().get_node_id()
+    assert info["weight_version"] == 0 and info["device"] == "cpu"
+    # The in-process worker reaches the same scorer handle through ray.get with a timeout.
+    local = RolloutWorker(worker.settings, scorers=[scorer]).rollout(queries, step=6, shard=0, timeout_s=60.0)
+    assert local.scores == out.scores
