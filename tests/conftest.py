@@ -5,7 +5,11 @@ instead of after ~50 s of retries.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,33 @@ def ray_local():
                  object_store_memory=300 * 1024**2)
     yield ray
     ray.shutdown()
+
+
+@dataclass
+class DriverRun:
+    """One finished run of the real entry point."""
+
+    run_dir: Path
+    returncode: int
+    output: str
+
+    def stats(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+def run_driver(args: list[str], out_dir: Path, name: str, timeout: float = 900, env: dict | None = None) -> DriverRun:
+    """``python -m learner.main ARGS`` as a user would run it, from the repo root."""
+    cmd = [sys.executable, "-m", "learner.main", *args, "--out-dir", str(out_dir), "--run.name", name]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return DriverRun(out_dir / name, proc.returncode, proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, shared_dir) -> DriverRun:
+    """The stand-in quick config with 2 rollout actors, run once for every test that reads it."""
+    out = tmp_path_factory.mktemp("runs")
+    run = run_driver(["--config", "configs/stand-in-quick.yaml", "--cluster.num_rollout_workers", "2"],
+                     out, "quick")
+    assert run.returncode == 0, run.output[-3000:]
+    return run
