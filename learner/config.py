@@ -107,6 +107,8 @@ class ClusterConfig:
     """how long to wait for the resources (long enough for an autoscaler to add nodes)"""
     call_timeout_s: float = 600.0
     """longest wait for any one remote call before the run stops with an error"""
+    max_failures: int = 3
+    """rollout/reward actor failures (restarted by Ray, their work redone) before the run stops"""
 
 
 @dataclass
@@ -119,6 +121,14 @@ class RunConfig:
     """where run directories are created"""
     name: str = ""
     """run directory name (empty: a timestamp)"""
+    checkpoint_every: int = 10
+    """write a checkpoint every N steps (0: only at the end)"""
+    keep_checkpoints: int = 3
+    """how many of the newest checkpoints to keep"""
+    resume: str = ""
+    """a run directory or checkpoint to continue; its config.yaml is the base, flags still win"""
+    test_nan_reward_step: int = -1
+    """TEST ONLY: make one reward NaN at this step, to exercise the non-finite stop"""
 
 
 @dataclass
@@ -213,6 +223,7 @@ ALIASES = {
     "out-dir": "run.out_dir",
     "learning-rate": "ppo.learning_rate",
     "batch-size": "ppo.batch_size",
+    "resume": "run.resume",
 }
 
 # Set by the driver, not by users: the rollout seed is the run's seed.
@@ -374,8 +385,21 @@ def parse_args(argv: list[str] | None = None,
     for name in known:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if overrides.get("run.resume"):
+        overrides = resume_overrides(str(overrides["run.resume"]), overrides)
     cfg = from_overrides(overrides)
     return cfg, args
+
+
+def resume_overrides(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The resumed run's saved settings, then this command's flags; same run directory."""
+    from learner.checkpoint import find_resumable
+
+    run_dir, _, _ = find_resumable(Path(path))
+    saved = {k: v for k, v in load_yaml(run_dir / "config.yaml").items() if k not in HIDDEN}
+    merged = {**saved, **overrides}
+    merged.update({"run.out_dir": str(run_dir.parent), "run.name": run_dir.name, "run.resume": path})
+    return merged
 
 
 def from_overrides(overrides: dict[str, Any]) -> Config:

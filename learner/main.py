@@ -2,20 +2,24 @@
 
     # the stand-ins in ../shared, on this machine (Ray starts embedded):
     python -m learner.main --config configs/stand-in.yaml
+    # continue a run that stopped (crash, preemption, Ctrl-C):
+    python -m learner.main --resume runs/20261126-124951
     # the recipe itself (hub models and data), on a running cluster:
     ray job submit --working-dir . -- python -m learner.main --steps 194
 
 A light process that may sit on a CPU-only head node: the PPO learner lives in its own
-actor, and the driver only moves token ids and statistics. Each step:
+actor, and the driver only moves token ids, statistics and files. Each step:
 
 1. broadcast: the learner's weights go into the object store once; every rollout actor
    loads that one copy and reports the version it now holds;
 2. rollout: the batch's queries are split into fixed contiguous shards, one per rollout
    actor; each generates its shard and sends the texts straight to a reward actor, which
-   merges concurrent requests into batched forward passes;
+   merges concurrent requests into batched forward passes. A shard whose actor (or reward
+   actor) died is redone once Ray has restarted it, with the current weights;
 3. update: the learner runs the reference PPO step on the whole batch;
-4. log one line and the step's statistics.
-At the end the tuned policy is saved in the run directory.
+4. log: one line, one JSON line of statistics, the dashboard metrics; a checkpoint every
+   ``run.checkpoint_every`` steps.
+At the end: a last checkpoint and the tuned policy in the run directory.
 """
 from __future__ import annotations
 
@@ -30,107 +34,314 @@ from typing import Any
 import numpy as np
 import yaml
 
+from learner import checkpoint
 from learner.config import Config, ConfigError, parse_args, resolve_local_paths
-from learner.models import ModelLoadError, load_tokenizer
-from learner.data import PromptStream, load_texts
+from learner.data import DataState, PromptStream, load_texts
+from learner.models import ModelLoadError, load_pretrained, load_tokenizer
 
 log = logging.getLogger("learner.main")
 
 
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
 def shard_bounds(batch_size: int, n: int) -> list[tuple[int, int]]:
-    """Fixed contiguous shards: query i always goes to the same actor, whoever is free first."""
+    """Fixed contiguous shards: query i always goes to the same actor, whoever is free first,
+    so a resumed run samples exactly what the uninterrupted one did."""
     edges = np.linspace(0, batch_size, n + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-class Run:
-    """A run directory: the resolved config, one JSON line of statistics per step, the policy."""
+class RunDir:
+    """config.yaml, stats.jsonl (one line per step), rollouts.jsonl (the batch's texts and
+    scores), TensorBoard events when tensorboard is installed, checkpoints/, policy/."""
 
     def __init__(self, cfg: Config) -> None:
         name = cfg.run.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.dir = Path(cfg.run.out_dir) / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.stats_file = self.dir / "stats.jsonl"
+        self.path = Path(cfg.run.out_dir) / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.stats_file = self.path / "stats.jsonl"
+        self.rollouts_file = self.path / "rollouts.jsonl"
+        self.tb = _tensorboard(self.path / "tensorboard")
 
-    def log_step(self, stats: dict[str, Any]) -> None:
+    def log_step(self, stats: dict[str, Any], rollouts: dict[str, Any]) -> None:
         with self.stats_file.open("a") as f:
             f.write(json.dumps(stats) + "\n")
+        with self.rollouts_file.open("a") as f:
+            f.write(json.dumps(rollouts) + "\n")
+        if self.tb is not None:
+            for key, value in stats.items():
+                self.tb.add_scalar(key, value, stats["step"])
+            self.tb.add_histogram("env/rewards", np.asarray(rollouts["scores"]), stats["step"])
+            self.tb.flush()
+
+    def restore_logs(self, ckpt: Path) -> None:
+        """Logs as they were at the checkpoint: the steps after it are about to be redone."""
+        for name in ("stats.jsonl", "rollouts.jsonl"):
+            (self.path / name).write_bytes((ckpt / name).read_bytes())
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional extra: pip install -e '.[tensorboard]'
+        return None
+    return SummaryWriter(str(folder))
+
+
+def check_models(cfg: Config) -> None:
+    """Cheap checks on the models' configs before any actor starts."""
+    from transformers import AutoConfig
+
+    policy = load_pretrained(AutoConfig, cfg.policy, "rollout.policy")
+    context = getattr(policy, "n_positions", None) or getattr(policy, "max_position_embeddings", None)
+    longest = cfg.data.query_max_tokens + cfg.rollout.response_max_tokens
+    if context and longest > context:
+        raise ConfigError(f"data.query_max_tokens ({cfg.data.query_max_tokens}) + rollout.response_max_tokens "
+                          f"({cfg.rollout.response_max_tokens}) exceed the policy's context of {context} positions")
+    reward = load_pretrained(AutoConfig, cfg.reward.model, "reward.model")
+    labels = list((reward.label2id or {}).keys())
+    if cfg.reward.positive_label not in labels:
+        raise ConfigError(f"reward.positive_label: the reward model has no label '{cfg.reward.positive_label}' "
+                          f"(labels: {', '.join(labels) or 'none'}); set reward.positive_label")
+
+
+class Driver:
+    """The training loop over the actors; every remote wait is bounded."""
+
+    def __init__(self, cfg: Config, run: RunDir, stream: PromptStream, tokenizer) -> None:
+        import ray
+
+        from learner import placement
+        from learner.metrics import RunMetrics
+
+        self.ray, self.cfg, self.run, self.stream, self.tokenizer = ray, cfg, run, stream, tokenizer
+        self.roles = placement.resolve_roles(cfg)
+        self.pg = placement.reserve(cfg, self.roles)
+        self.actors = placement.spawn(cfg, self.roles, self.pg)
+        names = ["learner"] + [f"rollout-{i}" for i in range(len(self.actors.rollouts))] + \
+            [f"rewards-{i}" for i in range(len(self.actors.rewards))]
+        pings = self.wait([a.ping.remote() for a in [self.actors.learner, *self.actors.rollouts, *self.actors.rewards]],
+                          "actor start-up")
+        # Where each actor runs (pid, node, device): for users, and for the failure tests.
+        (run.path / "actors.json").write_text(json.dumps(dict(zip(names, pings)), indent=1))
+        self.shards = shard_bounds(cfg.ppo.batch_size, len(self.actors.rollouts))
+        self.metrics = RunMetrics(run.path.name)
+        self.failures = 0
+        self.step = 0
+
+    # ---------------------------------------------------------------- remote calls
+
+    def wait(self, refs, what: str):
+        """ray.get with a timeout and a one-line message naming what did not answer."""
+        ray = self.ray
+        try:
+            return ray.get(refs, timeout=self.cfg.cluster.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RunError(f"{what} did not finish within cluster.call_timeout_s="
+                           f"{self.cfg.cluster.call_timeout_s:g}s") from None
+
+    def _failed(self, what: str, err: BaseException) -> None:
+        self.failures += 1
+        if self.failures > self.cfg.cluster.max_failures:
+            raise RunError(f"{what} failed ({_root_cause(err)}); {self.failures} actor failures exceed "
+                           f"cluster.max_failures={self.cfg.cluster.max_failures}")
+        log.warning("%s failed (%s); redoing its work once Ray has restarted it (%d/%d failures)",
+                    what, _root_cause(err), self.failures, self.cfg.cluster.max_failures)
+        print(f"warning: {what} failed ({_root_cause(err)}); redoing its work", file=sys.stderr, flush=True)
+
+    def _until_alive(self, actor, what: str) -> None:
+        """Wait (bounded) until a restarted actor answers again."""
+        deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
+        while True:
+            try:
+                self.ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise RunError(f"{what} did not come back within cluster.call_timeout_s") from None
+                time.sleep(0.5)
+            except self.ray.exceptions.GetTimeoutError:
+                raise RunError(f"{what} did not come back within cluster.call_timeout_s") from None
+
+    # ---------------------------------------------------------------- one step
+
+    def broadcast(self) -> tuple[int, Any]:
+        """The learner's weights into the object store once; every rollout actor loads that copy."""
+        version_ref, weights = self.actors.learner.weights.options(num_returns=2).remote()
+        version = self.wait(version_ref, "learner weights")
+        self.wait([w.load_weights.remote(weights, version) for w in self.actors.rollouts], "weight broadcast")
+        return version, weights
+
+    def rollout(self, queries: list[list[int]], step: int, version: int, weights) -> list[Any]:
+        """Every shard's Rollout; a shard whose actor died is redone on the restarted actor."""
+        ray = self.ray
+        call = lambda i: self.actors.rollouts[i].rollout.remote(  # noqa: E731
+            queries[self.shards[i][0]:self.shards[i][1]], step, i, self.cfg.cluster.call_timeout_s)
+        pending = {call(i): i for i in range(len(self.shards))}
+        results: dict[int, Any] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.cluster.call_timeout_s)
+            if not done:
+                raise RunError(f"rollout did not finish within cluster.call_timeout_s={self.cfg.cluster.call_timeout_s:g}s")
+            i = pending.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                self._redo(i, err, version, weights)
+                pending[call(i)] = i
+            except ray.exceptions.RayTaskError as err:
+                # The reward actor died under this rollout actor's scoring call.
+                if not isinstance(err.cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+                    raise RunError(f"rollout-{i} failed: {_root_cause(err)}") from None
+                self._redo(i, err, version, weights)
+                pending[call(i)] = i
+        return [results[i] for i in range(len(self.shards))]
+
+    def _redo(self, i: int, err: BaseException, version: int, weights) -> None:
+        self._failed(f"rollout-{i}", err)
+        worker = self.actors.rollouts[i]
+        self._until_alive(worker, f"rollout-{i}")
+        for j, reward in enumerate(self.actors.rewards):
+            self._until_alive(reward, f"rewards-{j}")
+        # A restarted actor holds the weights it loaded from disk: give it the current ones.
+        self.wait(worker.load_weights.remote(weights, version), f"weights for restarted rollout-{i}")
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        version, weights = self.broadcast()
+        t1 = time.perf_counter()
+        queries = self.stream.next_batch()
+        rollouts = self.rollout(queries, step, version, weights)
+        t2 = time.perf_counter()
+        responses = [r for ro in rollouts for r in ro.responses]
+        scores = [s for ro in rollouts for s in ro.scores]
+        if step == cfg.run.test_nan_reward_step:
+            scores[0] = float("nan")
+        if not np.all(np.isfinite(scores)):
+            raise NonFiniteStop(f"non-finite reward at step {step + 1}", intact=True)
+        try:
+            stats = self.wait(self.actors.learner.step.remote(queries, responses, scores), "PPO step")
+        except self.ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, FloatingPointError):
+                raise NonFiniteStop(f"{err.cause} at step {step + 1}", intact=getattr(err.cause, "intact", False))
+            raise RunError(f"PPO step failed: {_root_cause(err)}") from None
+        except self.ray.exceptions.RayActorError as err:
+            raise RunError(f"the learner actor died ({_root_cause(err)}); continue from the last checkpoint with "
+                           f"--resume {self.run.path}") from None
+        t3 = time.perf_counter()
+        tokens = sum(len(q) + len(r) for q, r in zip(queries, responses))
+        stats.update({
+            "step": step, "time/broadcast": t1 - t0, "time/rollout": t2 - t1, "time/update": t3 - t2,
+            "time/step": t3 - t0, "time/generate": max(r.generate_seconds for r in rollouts),
+            "time/score": max(r.score_seconds for r in rollouts),
+            "rollout/weight_version": min(r.weight_version for r in rollouts),
+            "rollout/version_lag": version - min(r.weight_version for r in rollouts),
+            "samples_per_second": cfg.ppo.batch_size / (t3 - t0), "tokens_per_second": tokens / (t3 - t0),
+            "failures": self.failures,
+        })
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        self.run.log_step(stats, {"step": step, "scores": scores, "queries": [decode(q) for q in queries],
+                                  "responses": [decode(r) for r in responses]})
+        self.metrics.record(stats, {f"rollout-{i}": version - r.weight_version for i, r in enumerate(rollouts)})
+        return stats
+
+    # ---------------------------------------------------------------- state
+
+    def save_checkpoint(self, steps_done: int) -> Path:
+        state = self.wait(self.actors.learner.state_bytes.remote(), "learner state")
+        driver = {"step": steps_done, "data": vars(self.stream.state), "seed": self.cfg.run.seed}
+        files = {"learner.pt": state, "driver.json": json.dumps(driver).encode()}
+        for name in ("stats.jsonl", "rollouts.jsonl"):
+            file = self.run.path / name
+            files[name] = file.read_bytes() if file.exists() else b""
+        return checkpoint.write(self.run.path, steps_done, files, self.cfg.run.keep_checkpoints)
+
+    def restore(self, ckpt: Path) -> int:
+        driver = json.loads((ckpt / "driver.json").read_text())
+        self.stream.load_state(DataState(**driver["data"]))
+        self.wait(self.actors.learner.load_state_bytes.remote((ckpt / "learner.pt").read_bytes()), "restoring the learner")
+        self.run.restore_logs(ckpt)
+        return driver["step"]
+
+    def save_policy(self) -> Path:
+        files = self.wait(self.actors.learner.export_policy.remote(), "exporting the policy")
+        folder = self.run.path / "policy"
+        folder.mkdir(exist_ok=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        return folder
+
+
+class NonFiniteStop(RunError):
+    def __init__(self, message: str, intact: bool) -> None:
+        super().__init__(message)
+        self.intact = intact
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def train(cfg: Config) -> Path:
+    """1. data and checks  2. Ray and actors  3. resume  4. the steps  5. checkpoint + policy."""
     import ray
 
     from learner import placement
 
-    run = Run(cfg)
+    # 1. everything that can fail fast fails before Ray starts
+    resume_from = None
+    if cfg.run.resume:
+        _, resume_from, notes = checkpoint.find_resumable(Path(cfg.run.resume))
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+    check_models(cfg)
     tokenizer = load_tokenizer(cfg.policy)
     stream = PromptStream(load_texts(cfg.data.dataset, cfg.data.split, cfg.data.text_column), tokenizer,
                           cfg.data, cfg.ppo.batch_size, cfg.run.seed)
     steps = cfg.run.steps or stream.steps_per_epoch
+    run = RunDir(cfg)
 
-    info = placement.connect(cfg, namespace=f"ppo-{run.dir.name}")
-    print(f"Ray dashboard: {info['dashboard_url'] or 'not running'}  |  run directory: {run.dir}", flush=True)
+    # 2. Ray, resources, actors
+    info = placement.connect(cfg, namespace=f"ppo-{run.path.name}")
+    print(f"Ray dashboard: {info['dashboard_url'] or 'not running'}  |  run directory: {run.path}", flush=True)
     try:
-        roles = placement.resolve_roles(cfg)
-        pg = placement.reserve(cfg, roles)
-        actors = placement.spawn(cfg, roles, pg)
-        wait = _waiter(cfg.cluster.call_timeout_s)
-        wait([a.ping.remote() for a in [actors.learner, *actors.rollouts, *actors.rewards]], "actor start-up")
-        shards = shard_bounds(cfg.ppo.batch_size, len(actors.rollouts))
-        for step in range(steps):
-            t0 = time.perf_counter()
-            # 1. broadcast: one copy in the object store, loaded by every rollout actor
-            version_ref, weights = actors.learner.weights.options(num_returns=2).remote()
-            version = wait(version_ref, "learner weights")
-            got = wait([w.load_weights.remote(weights, version) for w in actors.rollouts], "weight broadcast")
-            t1 = time.perf_counter()
-            # 2. rollout + reward, each actor on its fixed shard
-            queries = stream.next_batch()
-            rollouts = wait([w.rollout.remote(queries[a:b], step, i, cfg.cluster.call_timeout_s)
-                             for i, (w, (a, b)) in enumerate(zip(actors.rollouts, shards))], "rollout")
-            t2 = time.perf_counter()
-            # 3. the PPO step on the whole batch
-            responses = [r for ro in rollouts for r in ro.responses]
-            scores = [s for ro in rollouts for s in ro.scores]
-            stats = wait(actors.learner.step.remote(queries, responses, scores), "PPO step")
-            t3 = time.perf_counter()
-            # 4. log
-            stats.update({
-                "step": step, "time/broadcast": t1 - t0, "time/rollout": t2 - t1, "time/update": t3 - t2,
-                "time/step": t3 - t0, "time/generate": max(r.generate_seconds for r in rollouts),
-                "time/score": max(r.score_seconds for r in rollouts),
-                "rollout/weight_version": min(r.weight_version for r in rollouts),
-                "rollout/version_lag": version - min(got),
-                "samples_per_second": cfg.ppo.batch_size / (t3 - t0),
-            })
-            run.log_step(stats)
+        driver = Driver(cfg, run, stream, tokenizer)
+        # 3. resume
+        start = 0
+        if resume_from is not None:
+            start = driver.restore(resume_from)
+            print(f"resumed from {resume_from} at step {start + 1}", flush=True)
+        # 4. the steps
+        t_start, last_ckpt = time.perf_counter(), start
+        for step in range(start, steps):
+            try:
+                stats = driver.train_step(step)
+            except NonFiniteStop as err:
+                where = (f"saved the last good state as {driver.save_checkpoint(step)}" if err.intact
+                         else f"the last good checkpoint is step {last_ckpt}")
+                raise RunError(f"{err}; {where}") from None
+            done = step + 1 - start
+            eta = (time.perf_counter() - t_start) / done * (steps - step - 1)
             print(f"step {step + 1}/{steps}  reward {stats['env/reward_mean']:+.3f}  "
                   f"kl {stats['objective/kl']:.3f}  beta {stats['objective/kl_coef']:.3f}  "
                   f"gen {stats['time/generate']:.1f}s  score {stats['time/score']:.2f}s  "
-                  f"update {stats['time/update']:.1f}s  {stats['samples_per_second']:.1f} samples/s", flush=True)
-        path = wait(actors.learner.save.remote(str(run.dir / "policy")), "saving the policy")
-        print(f"tuned policy saved to {path}", flush=True)
+                  f"update {stats['time/update']:.1f}s  {stats['samples_per_second']:.1f} samples/s  "
+                  f"eta {_fmt_eta(eta)}", flush=True)
+            if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
+                driver.save_checkpoint(step + 1)
+                last_ckpt = step + 1
+        # 5. the end
+        if last_ckpt != steps:
+            driver.save_checkpoint(steps)
+        print(f"tuned policy saved to {driver.save_policy()}", flush=True)
     finally:
         ray.shutdown()
-    return run.dir
-
-
-def _waiter(timeout_s: float):
-    """ray.get with a timeout and a message naming what did not answer: never a silent hang."""
-    import ray
-
-    from learner.placement import RunError
-
-    def wait(refs, what: str):
-        try:
-            return ray.get(refs, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RunError(f"{what} did not finish within cluster.call_timeout_s={timeout_s:g}s") from None
-        except ray.exceptions.RayError as err:
-            raise RunError(f"{what} failed: {_root_cause(err)}") from None
-
-    return wait
+    return run.path
 
 
 def _root_cause(err: BaseException) -> str:
@@ -145,17 +356,20 @@ def _root_cause(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from learner.placement import RunError
+    from learner.placement import PlacementError
 
     try:
         cfg, _ = parse_args(argv)
         resolve_local_paths(cfg)
         train(cfg)
-    except (ConfigError, ModelLoadError, RunError) as err:
+    except (ConfigError, ModelLoadError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (RunError, PlacementError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: continue with --resume RUN_DIR from the last checkpoint", file=sys.stderr)
         return 130
     return 0
 

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_DATASETS_OFFLINE")
 
 
-class RunError(RuntimeError):
-    """The run cannot go on; the message says why and what to change."""
+class PlacementError(RuntimeError):
+    """The run's resources cannot be had; the message says what is missing."""
 
 
 def connect(cfg: Config, namespace: str) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def resolve_roles(cfg: Config) -> Roles:
     total = ray.cluster_resources().get("GPU", 0)
     if asked > total and not c.address and not os.environ.get("RAY_ADDRESS"):
         # On a fixed machine more GPUs can never appear; on a cluster an autoscaler may add them.
-        raise RunError(f"the run asks for {asked:g} GPUs (cluster.learner_gpus/rollout_gpus/reward_gpus) but this "
+        raise PlacementError(f"the run asks for {asked:g} GPUs (cluster.learner_gpus/rollout_gpus/reward_gpus) but this "
                        f"machine has {total:g}; lower them or join a cluster with --address")
     return roles
 
@@ -102,7 +102,7 @@ def reserve(cfg: Config, roles: Roles) -> PlacementGroup:
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
         asked = _total(bundles)
-        raise RunError(
+        raise PlacementError(
             f"resources not granted within cluster.placement_timeout_s={cfg.cluster.placement_timeout_s:g}s: the run "
             f"asks for {_fmt(asked)} as {len(bundles)} bundles ({cfg.cluster.placement_strategy}); the cluster has "
             f"{_fmt(ray.cluster_resources())}, available {_fmt(ray.available_resources())}. Add nodes, or lower "
@@ -145,6 +145,7 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
     n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
     at = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
     learner_threads, t = threads(cfg)
+    # The learner keeps its state in memory: it is not restarted (resume from a checkpoint).
     # The learner reserves its bundle's CPUs; rollout and reward actors mostly wait on each
     # other and on the learner, so their bundles hold the CPU and the actors ask for none.
     learner = ray.remote(PPOLearner).options(
@@ -154,6 +155,7 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
     rewards = [
         ray.remote(RewardServer).options(
             name=f"rewards-{i}", num_cpus=0, num_gpus=roles.reward_gpus, max_concurrency=64,
+            max_restarts=cfg.cluster.max_failures,
             scheduling_strategy=at(1 + n + i),
         ).remote(reward_settings)
         for i in range(r)
@@ -162,6 +164,9 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
     rollouts = [
         ray.remote(RolloutWorker).options(
             name=f"rollout-{i}", num_cpus=0, num_gpus=roles.rollout_gpus, scheduling_strategy=at(1 + i),
+            # Ray restarts a dead actor; the driver, not Ray, redoes its work (max_task_retries=0),
+            # because the restarted actor must first get the current weights.
+            max_restarts=cfg.cluster.max_failures,
         ).remote(rollout_settings, rewards)
         for i in range(n)
     ]

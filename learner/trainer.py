@@ -6,9 +6,12 @@ reference's statistics under the reference's names (plus ``env/*`` and ``time/*`
 """
 from __future__ import annotations
 
+import io
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +54,19 @@ def pad_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int,
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
     mask = ppo.response_mask([len(q) for q in queries], [len(r) for r in responses], offsets, width - 1)
     return PaddedBatch(ids, attn, pos, mask)
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite value in the step; ``intact`` says no parameter was updated in this step."""
+
+    def __init__(self, message: str, intact: bool) -> None:
+        super().__init__(message)
+        self.intact = intact
+
+
+def _check_finite(what: str, tensor: torch.Tensor, intact: bool) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"non-finite {what}", intact)
 
 
 class PPOLearner:
@@ -115,11 +131,14 @@ class PPOLearner:
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
         scores_t = torch.tensor(scores, dtype=torch.float32)
+        _check_finite("reward scores", scores_t, intact=True)
         batch = pad_batch(queries, responses, self.pad_id, self.padding_side)
         mask = batch.mask
 
         # 1. forward passes without grad (eval mode: dropout off)
         logp_old, v_old, logp_ref = self._rollout_forward(batch)
+        for what, t in (("policy log-probs", logp_old), ("values", v_old), ("reference log-probs", logp_ref)):
+            _check_finite(what, t[mask.bool()], intact=True)
         beta = float(self.kl_ctl.value)
         # 3. per-token rewards;  4. GAE + whitening
         rewards, non_score, kl = ppo.kl_rewards(logp_old, logp_ref, scores_t, mask, beta)
@@ -134,7 +153,7 @@ class PPOLearner:
             for start in range(0, cfg.batch_size, cfg.mini_batch_size):
                 idx = perm[start:start + cfg.mini_batch_size]
                 mb_stats.append(self._train_minibatch(batch.rows(idx), logp_old[idx], values[idx],
-                                                      advantages[idx], returns[idx]))
+                                                      advantages[idx], returns[idx], intact=not mb_stats))
         self.version += 1
         timing["time/learner/update"] = time.perf_counter() - t1
 
@@ -145,12 +164,13 @@ class PPOLearner:
         return stats
 
     def _train_minibatch(self, mb: PaddedBatch, logp_old: torch.Tensor, v_old: torch.Tensor,
-                         advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
+                         advantages: torch.Tensor, returns: torch.Tensor, intact: bool) -> dict[str, torch.Tensor]:
         dev = self.device
         logits, logp_new, v_new = self._forward(self.model, mb, with_values=True)
         out = ppo.ppo_loss(logp_new, logp_old.to(dev), v_new, v_old.to(dev), advantages.to(dev),
                            returns.to(dev), mb.mask.to(dev), logits, self.cfg.cliprange, self.cfg.cliprange_value,
                            self.cfg.vf_coef, self.cfg.ratio_threshold)
+        _check_finite("PPO loss", out.loss.detach(), intact)  # before backward: never step on NaN
         if out.skipped:
             log.warning("mean PPO ratio above ppo.ratio_threshold=%s: minibatch loss zeroed",
                         self.cfg.ratio_threshold)
@@ -198,7 +218,40 @@ class PPOLearner:
     def save(self, folder: str) -> str:
         return str(save_policy(self.model, self.tokenizer, folder))
 
+    def export_policy(self) -> dict[str, bytes]:
+        """The tuned policy folder as {file name: bytes}, so the driver writes it wherever
+        the run directory is (the learner may sit on another node)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            save_policy(self.model, self.tokenizer, tmp)
+            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+    def state_bytes(self) -> bytes:
+        """Everything needed to continue exactly: weights, Adam, KL coefficient, RNGs, version."""
+        buf = io.BytesIO()
+        torch.save({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_coef": float(self.kl_ctl.value),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "version": self.version,
+        }, buf)
+        return buf.getvalue()
+
+    def load_state_bytes(self, data: bytes) -> int:
+        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.value = state["kl_coef"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.version = state["version"]
+        return self.version
+
     def ping(self) -> dict:
         import os
 
-        return {"pid": os.getpid(), "device": str(self.device), "version": self.version}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"pid": os.getpid(), "node_id": node, "device": str(self.device), "version": self.version}

@@ -63,6 +63,7 @@ class RewardServer:
         # (Ray's actor loop or the caller's), not in __init__, which may run outside it.
         self._arrived: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
+        self._metric = _batch_size_metric()
         self.reset_stats()
 
     async def score(self, texts: list[str]) -> list[float]:
@@ -163,6 +164,8 @@ class RewardServer:
                     part.request.future.set_exception(error)
             return
         self._batch_sizes.append(len(texts))
+        if self._metric is not None:
+            self._metric.observe(len(texts))
         _deliver(batch, scores)
 
     def _forward(self, texts: list[str]) -> list[float]:
@@ -186,6 +189,19 @@ def _check_texts(texts: list[str]) -> None:
     """Reject bad input at the door, so it fails only its own caller, not a merged batch."""
     if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
         raise TypeError("RewardServer.score takes a list of str (decoded query + response texts)")
+
+
+def _batch_size_metric():
+    """Texts per forward pass as a Ray metric (Prometheus: ray_ppo_reward_batch_size), when in Ray."""
+    try:
+        import ray
+        from ray.util.metrics import Histogram
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    return Histogram("ppo_reward_batch_size", description="texts per reward forward pass",
+                     boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
 
 
 def _ray_node_id() -> str | None:

@@ -1,0 +1,46 @@
+"""Live run metrics for the Ray dashboard, through ``ray.util.metrics``.
+
+Ray exports them to Prometheus with a ``ray_`` prefix (``ray_ppo_reward_mean``...); the
+dashboard's Metrics view shows them once Grafana is attached (README, "Watching a run").
+The reward actors export ``ppo_reward_batch_size`` themselves.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray.util.metrics import Gauge
+
+# metric name -> (statistic it shows, description)
+GAUGES = {
+    "ppo_reward_mean": ("env/reward_mean", "mean reward of the step's batch"),
+    "ppo_kl": ("objective/kl", "mean summed KL(policy || reference) of the responses"),
+    "ppo_kl_coef": ("objective/kl_coef", "KL coefficient beta"),
+    "ppo_policy_loss": ("ppo/loss/policy", "clipped surrogate loss"),
+    "ppo_value_loss": ("ppo/loss/value", "clipped value loss"),
+    "ppo_clipfrac": ("ppo/policy/clipfrac", "share of tokens with a clipped ratio"),
+    "ppo_samples_per_second": ("samples_per_second", "rollouts trained on per second"),
+    "ppo_tokens_per_second": ("tokens_per_second", "query+response tokens trained on per second"),
+    "ppo_step": ("step", "steps done"),
+}
+PHASES = ("broadcast", "generate", "score", "rollout", "update", "step")
+
+
+class RunMetrics:
+    def __init__(self, run_name: str) -> None:
+        tags = ("run",)
+        self.run = {"run": run_name}
+        self.gauges = {name: Gauge(name, description=desc, tag_keys=tags) for name, (_, desc) in GAUGES.items()}
+        self.phase = Gauge("ppo_phase_seconds", description="seconds per phase of the last step",
+                           tag_keys=("run", "phase"))
+        self.lag = Gauge("ppo_weight_version_lag", description="learner version minus the rollout actor's",
+                         tag_keys=("run", "actor"))
+
+    def record(self, stats: dict[str, Any], lags: dict[str, int]) -> None:
+        for name, (key, _) in GAUGES.items():
+            if key in stats:
+                self.gauges[name].set(float(stats[key]), tags=self.run)
+        for phase in PHASES:
+            if f"time/{phase}" in stats:
+                self.phase.set(float(stats[f"time/{phase}"]), tags={**self.run, "phase": phase})
+        for actor, lag in lags.items():
+            self.lag.set(float(lag), tags={**self.run, "actor": actor})
