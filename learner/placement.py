@@ -160,7 +160,7 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
         ).remote(reward_settings)
         for i in range(r)
     ]
-    rollout_settings = replace(cfg.rollout, seed=cfg.run.seed, torch_threads=learner_threads)
+    rollout_settings = replace(cfg.rollout, seed=cfg.run.seed, torch_threads=t)
     rollouts = [
         ray.remote(RolloutWorker).options(
             name=f"rollout-{i}", num_cpus=0, num_gpus=roles.rollout_gpus, scheduling_strategy=at(1 + i),
