@@ -172,36 +172,45 @@ class Driver:
         """The learner's weights into the object store once; every rollout actor loads that copy."""
         version_ref, weights = self.actors.learner.weights.options(num_returns=2).remote()
         version = self.wait(version_ref, "learner weights")
-        self.wait([w.load_weights.remote(weights, version) for w in self.actors.rollouts], "weight broadcast")
+        self._gather({i: (lambda w=w: w.load_weights.remote(weights, version))
+                      for i, w in enumerate(self.actors.rollouts)}, "weight broadcast", version, weights)
         return version, weights
 
     def rollout(self, queries: list[list[int]], step: int, version: int, weights) -> list[Any]:
-        """Every shard's Rollout; a shard whose actor died is redone on the restarted actor."""
+        """Every shard's Rollout, in shard order."""
+        timeout = self.cfg.cluster.call_timeout_s
+        calls = {i: (lambda i=i, a=a, b=b: self.actors.rollouts[i].rollout.remote(queries[a:b], step, i, timeout))
+                 for i, (a, b) in enumerate(self.shards)}
+        return self._gather(calls, "rollout", version, weights)
+
+    def _gather(self, calls: dict[int, Any], what: str, version: int, weights) -> list[Any]:
+        """Run one call per rollout actor; a call whose actor (or, under it, a reward actor)
+        died is made again once Ray has restarted it and it holds the current weights."""
         ray = self.ray
-        call = lambda i: self.actors.rollouts[i].rollout.remote(  # noqa: E731
-            queries[self.shards[i][0]:self.shards[i][1]], step, i, self.cfg.cluster.call_timeout_s)
-        pending = {call(i): i for i in range(len(self.shards))}
+        lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        pending = {make(): i for i, make in calls.items()}
         results: dict[int, Any] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.cluster.call_timeout_s)
             if not done:
-                raise RunError(f"rollout did not finish within cluster.call_timeout_s={self.cfg.cluster.call_timeout_s:g}s")
+                raise RunError(f"{what} did not finish within cluster.call_timeout_s={self.cfg.cluster.call_timeout_s:g}s")
             i = pending.pop(done[0])
             try:
                 results[i] = ray.get(done[0])
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-                self._redo(i, err, version, weights)
-                pending[call(i)] = i
+                continue
+            except lost as err:
+                failure = err
             except ray.exceptions.RayTaskError as err:
-                # The reward actor died under this rollout actor's scoring call.
-                if not isinstance(err.cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
-                    raise RunError(f"rollout-{i} failed: {_root_cause(err)}") from None
-                self._redo(i, err, version, weights)
-                pending[call(i)] = i
-        return [results[i] for i in range(len(self.shards))]
+                if not isinstance(err.cause, lost):  # a real error, not a lost actor
+                    raise RunError(f"{what} on rollout-{i} failed: {_root_cause(err)}") from None
+                failure = err
+            self._recover(i, failure, version, weights)
+            pending[calls[i]()] = i
+        return [results[i] for i in sorted(results)]
 
-    def _redo(self, i: int, err: BaseException, version: int, weights) -> None:
-        self._failed(f"rollout-{i}", err)
+    def _recover(self, i: int, err: BaseException, version: int, weights) -> None:
+        task_error = isinstance(err, self.ray.exceptions.RayTaskError)
+        self._failed(f"a reward actor (called by rollout-{i})" if task_error else f"rollout-{i}", err)
         worker = self.actors.rollouts[i]
         self._until_alive(worker, f"rollout-{i}")
         for j, reward in enumerate(self.actors.rewards):

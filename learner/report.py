@@ -123,8 +123,12 @@ def reward_series(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, li
     """
     rollouts, stats = run_dir / "rollouts.jsonl", run_dir / "stats.jsonl"
     if rollouts.is_file():
-        by_step = {int(r["step"]): np.asarray(r["scores"], dtype=float) for r in read_jsonl(rollouts)
-                   if "step" in r and r.get("scores")}
+        by_step = {}
+        for r in read_jsonl(rollouts):
+            scores = np.asarray(r.get("scores") or [], dtype=float)
+            scores = scores[np.isfinite(scores)]  # a NaN reward stops a run; it has no place in a histogram
+            if "step" in r and scores.size:
+                by_step[int(r["step"])] = scores
         if by_step:
             steps = np.array(sorted(by_step))
             scores = [by_step[s] for s in steps]
@@ -133,7 +137,8 @@ def reward_series(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, li
             std = np.array([s.std(ddof=1) if len(s) > 1 else 0.0 for s in scores])
             return steps, mean, std, scores, rollouts.name
     if stats.is_file():
-        by_step = {int(r["step"]): r for r in read_jsonl(stats) if "step" in r and "env/reward_mean" in r}
+        by_step = {int(r["step"]): r for r in read_jsonl(stats)
+                   if "step" in r and np.isfinite(float(r.get("env/reward_mean", np.nan)))}
         if by_step:
             steps = np.array(sorted(by_step))
             mean = np.array([float(by_step[s]["env/reward_mean"]) for s in steps])
