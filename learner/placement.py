@@ -7,6 +7,7 @@ cluster has, never a silent wait.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -39,7 +40,11 @@ def connect(cfg: Config, namespace: str) -> dict[str, Any]:
     actor), and the GPUs torch sees.
     """
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # A submitted job's own runtime env may set the same variables; Ray refuses to merge
+    # two values for one key, so those are left to the job.
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    job_env = (ray.job_config.JobConfig.from_json(json.loads(job)).runtime_env or {}).get("env_vars", {}) if job else {}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
     runtime_env = {"env_vars": env} if env else None
     if address:
         ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)

@@ -1,31 +1,39 @@
 """The cluster configs in cluster/ and a real multi-node run of the driver (issue "Run on a cluster").
 
-1. Every YAML in ``cluster/`` passes Ray's own cluster-config validator (the steps ``ray up``
-   runs before it contacts any cloud: ``prepare_config`` fills the provider's defaults,
+1. Every YAML in ``cluster/`` passes Ray's own cluster-config checks (what ``ray up`` runs
+   before it contacts any machine: ``prepare_config`` fills the provider's defaults,
    ``validate_config`` checks the result against ``ray-schema.json``), and a deliberately
-   broken copy of each fails it. Every key carries a comment, and what the configs mount is
-   what ``pip install -e ~/ppo`` needs.
-2. A real Ray cluster of three nodes on this machine (``ray start`` subprocesses bound to
-   127.0.0.1, each with its own ports, temp dir and custom resource), the project submitted
-   with ``ray job submit --working-dir``, the rollout actors checked to run on different nodes.
+   broken copy of each fails them. Every key carries a comment; the repository is mounted at
+   ``~/ppo`` and installed from there; every node gets the token and starts in token mode.
+2. A real three-node Ray cluster on this machine: ``ray start`` subprocesses bound to
+   127.0.0.1, each with its own free ports, temp dir, 4 logical CPUs and a custom resource
+   naming it. The project goes in with ``ray job submit --working-dir`` (two PPO steps on the
+   stand-ins, ``--cluster.placement_strategy SPREAD``); the test checks the job SUCCEEDED,
+   the run directory, and, through Ray's state API, that ``rollout-0`` and ``rollout-1`` ran
+   on different nodes. Each node could hold the whole run, so only SPREAD separates them
+   (with PACK all four actors land on one node); three nodes because SPREAD gives the first
+   bundles (learner, rollout-0, rollout-1) distinct nodes and only then reuses nodes.
 
 Token authentication: the test cluster runs in token mode, as a real cluster should (Ray
-2.60 turns it on by itself). A fresh random token is written to the test's temp dir and
+2.60 turns it on by itself). A fresh random token is written to the test's temp dir, and
 every process of the test (``ray start`` of each node, ``ray job submit``, the driver the job
 starts, which inherits the head's environment) finds it through ``RAY_AUTH_MODE=token`` and
 ``RAY_AUTH_TOKEN_PATH``; ``~/.ray/auth_token`` is neither read nor written, so the test
 neither depends on nor disturbs the user's own token. ``RAY_AUTH_MODE=disabled`` would also
-work but would test a set-up nobody should deploy, and would not show that the token reaches
-a joining node and the job client. The test also checks that the dashboard API refuses a
-request without the token.
+work, but it would test a set-up nobody should deploy (Ray's GCS listens on every interface,
+not only 127.0.0.1) and would not show that the token reaches a joining node, the driver and
+the job client. The test also checks that the dashboard API refuses requests without the
+token or with a wrong one, and that the README's other way to pass it (``--headers``) works.
 
-Teardown never uses ``ray stop``: it kills every Ray process of the user on this machine,
-other sessions' clusters included. Each node runs as ``ray start --block``, which kills the
-processes it started when it gets SIGTERM; the finalizer sends that, then SIGKILLs by pid
-whatever of the node's process tree (and of anything naming the test's temp dir) is left.
+Teardown never uses ``ray stop``: it stops every Ray process of the user on the machine,
+other sessions' clusters included. Each node runs as ``ray start --block`` in its own
+session; SIGTERM makes it stop what it started, then the finalizer SIGKILLs the node's
+process group and any process left whose command line or environment names the test's temp
+dir (all of the test cluster's processes inherit ``RAY_AUTH_TOKEN_PATH``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -34,7 +42,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
+import typing
 import tempfile
 import time
 import urllib.error
@@ -43,8 +51,127 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "cluster").glob("*.yaml"))
+
+
+# ----------------------------------------------------------------------------- cluster configs
+
+def ray_up_checks(config: dict) -> dict:
+    """What ``ray up`` does to a config before it contacts any provider (commands.py
+    ``_bootstrap_config``): fill the provider's defaults, merge the setup commands, check
+    Docker settings and worker counts (``prepare_config``), then check the result against
+    Ray's JSON schema (``validate_config``). Offline: the defaults are files in the package."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def uncommented_keys(text: str) -> list[str]:
+    """Lines holding a YAML key with neither a comment line just above nor a comment after it."""
+    missing, previous, block_indent = [], "", None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        if block_indent is not None and indent > block_indent:
+            continue  # inside a block scalar (| or >)
+        block_indent = None
+        key = re.match(r"^\s*(?:-\s+)?[^\s#:][^:#]*?:(?:\s|$)", line)
+        if key and not stripped.startswith("#"):
+            if not (previous.startswith("#") or " #" in line):
+                missing.append(f"{number}: {stripped}")
+            if re.search(r":\s*[|>][-+]?\s*(#.*)?$", line):
+                block_indent = indent
+        previous = stripped
+    return missing
+
+
+def test_both_cluster_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"aws-gpu.yaml", "local-machines.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_passes_rays_validator_and_sets_up_the_project(path: Path):
+    prepared = ray_up_checks(yaml.safe_load(path.read_text()))
+
+    # The token reaches every node, and every node starts Ray in token mode.
+    mounts = prepared["file_mounts"]
+    assert mounts.get("~/.ray/auth_token") == "~/.ray/auth_token"
+    for kind in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [cmd for cmd in prepared[kind] if "ray start" in cmd]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in cmd for cmd in starts), kind
+    # Only `ray dashboard`'s SSH tunnel reaches the dashboard.
+    assert "--dashboard-host=127.0.0.1" in " ".join(prepared["head_start_ray_commands"])
+
+    # The repository is mounted at ~/ppo and installed from there, torch first (so pip does
+    # not pick a torch build for the project), on the head and on the workers.
+    assert (REPO / mounts["~/ppo"]).resolve() == REPO
+    for kind in ("head_setup_commands", "worker_setup_commands"):  # setup_commands merged in
+        commands = prepared[kind]
+        install = [i for i, cmd in enumerate(commands) if "pip install -e ~/ppo" in cmd]
+        torch = [i for i, cmd in enumerate(commands) if re.search(r"pip install .*torch", cmd)]
+        assert install and torch and torch[0] < install[0], (kind, commands)
+
+
+def test_aws_config_autoscales_gpu_workers_from_zero():
+    prepared = ray_up_checks(yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text()))
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["max_workers"] == 0
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    assert len(gpu) == 1 and gpu[0]["min_workers"] == 0 and gpu[0]["max_workers"] >= 4
+    assert prepared["max_workers"] >= gpu[0]["max_workers"]
+    worker_setup = " ".join(prepared["worker_setup_commands"])
+    assert "download.pytorch.org/whl/cpu" not in worker_setup  # the CUDA build on GPU nodes
+
+
+def test_local_config_lists_its_machines():
+    prepared = ray_up_checks(yaml.safe_load((REPO / "cluster" / "local-machines.yaml").read_text()))
+    provider = prepared["provider"]
+    assert provider["type"] == "local" and provider["head_ip"] and provider["worker_ips"]
+    workers = prepared["available_node_types"]["local.cluster.node"]
+    assert workers["min_workers"] == workers["max_workers"] == len(provider["worker_ips"])
+
+
+# A deliberately broken copy of each file must fail the same checks: a misspelled key and a
+# value of the wrong type at the top level, and a misspelled key inside a node type.
+BREAKAGES = [(path, *breakage) for path in CONFIGS for breakage in [
+    ("misspelled key", r"^setup_commands:", "setup_comands:", "'setup_comands' was unexpected"),
+    ("wrong type", r"^idle_timeout_minutes: .*$", "idle_timeout_minutes: ten", "'ten' is not of type 'number'"),
+]] + [(REPO / "cluster" / "aws-gpu.yaml", "misspelled node type key", r"^(\s+)min_workers: 0",
+       r"\1min_worker: 0", "'min_worker' was unexpected")]
+
+
+@pytest.mark.parametrize("path, what, pattern, replacement, message", BREAKAGES,
+                         ids=[f"{b[0].name}-{b[1].replace(' ', '-')}" for b in BREAKAGES])
+def test_validator_rejects_a_broken_copy(tmp_path: Path, path: Path, what: str, pattern: str,
+                                         replacement: str, message: str):
+    import jsonschema
+
+    broken_text, n = re.subn(pattern, replacement, path.read_text(), count=1, flags=re.M)
+    assert n == 1, f"{path.name} has no line matching {pattern!r}"
+    broken = tmp_path / path.name
+    broken.write_text(broken_text)
+    with pytest.raises(jsonschema.ValidationError) as err:
+        ray_up_checks(yaml.safe_load(broken.read_text()))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_key_is_commented(path: Path):
+    assert uncommented_keys(path.read_text()) == []
+
+
+def test_comment_check_finds_a_bare_key():
+    text = "# the name\nname: x\nprovider:  # where\n  type: local\nrun: |\n  a: b\n"
+    assert uncommented_keys(text) == ["4: type: local", "5: run: |"]  # not "a: b", the block's text
+
 
 # ----------------------------------------------------------------------------- local cluster
 
@@ -57,6 +184,7 @@ RUN_NAME = "cluster-e2e"
 
 
 def _free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (held open together so none repeats)."""
     socks = []
     try:
         for _ in range(n):
@@ -71,6 +199,8 @@ def _free_ports(n: int) -> list[int]:
 
 @dataclass
 class LocalCluster:
+    """Ray nodes started with ``ray start --block`` on 127.0.0.1, all sharing one token."""
+
     root: Path
     env: dict[str, str]
     token: str
@@ -90,7 +220,8 @@ class LocalCluster:
 
     def state(self, resource: str) -> list[dict]:
         """Ray's state API (what ``ray list nodes/actors`` reads), dead entries included."""
-        return self.get(f"/api/v0/{resource}?limit=10000&detail=true&timeout=30", timeout=40)["data"]["result"]["result"]
+        reply = self.get(f"/api/v0/{resource}?limit=10000&detail=true&timeout=30", timeout=40)
+        return reply["data"]["result"]["result"]
 
     def start_node(self, name: str, head: bool) -> None:
         temp_dir = self.root / name
@@ -116,6 +247,7 @@ class LocalCluster:
                                                start_new_session=True))
 
     def wait_for_nodes(self, n: int, deadline: float) -> list[dict]:
+        """Until the head's state API lists n live nodes; fails on a dead ``ray start`` or the deadline."""
         last: object = None
         while time.monotonic() < deadline:
             for proc, log in zip(self.procs, self.logs):
@@ -144,14 +276,14 @@ class LocalCluster:
             # Each node runs in its own session (start_new_session): its group id is its pid.
             _kill(lambda: os.killpg(proc.pid, signal.SIGKILL))
             proc.wait(timeout=10)
-        # Anything that left its node's group (a job driver runs in its own session) still
-        # names this test's temp dir on its command line.
+        # Anything that left its node's group (workers and job drivers start their own
+        # sessions) still names this test's temp dir.
         for pid in _pids_naming(str(self.root)):
             _kill(lambda: os.kill(pid, signal.SIGKILL))
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _kill(send) -> None:
+def _kill(send: typing.Callable[[], None]) -> None:
     try:
         send()
     except (ProcessLookupError, PermissionError):
@@ -159,11 +291,13 @@ def _kill(send) -> None:
 
 
 def _pids_naming(text: str) -> list[int]:
+    """Processes whose command line or environment holds text (every process of the test
+    cluster inherits RAY_AUTH_TOKEN_PATH, a file in the test's temp dir)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if any(text.encode() in (entry / name).read_bytes() for name in ("cmdline", "environ")):
                     pids.append(int(entry.name))
             except OSError:
                 pass
@@ -210,8 +344,9 @@ def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalClust
     runtime_env = {
         # Keep the upload small: the reference trainer's venv, old runs and git history stay home.
         "excludes": [".git", "runs", "benchmarks", "**/__pycache__", ".pytest_cache", "*.egg-info"],
-        # No env_vars here: HF_HUB_OFFLINE reaches the driver from the head's environment, and the
-        # driver's ray.init(runtime_env={"env_vars": ...}) refuses a job env that sets the same key.
+        # The job sets HF_HUB_OFFLINE too: the driver must not pass a second value for the same
+        # key to ray.init (Ray refuses to merge them).
+        "env_vars": {"HF_HUB_OFFLINE": "1"},
     }
     submission_id = f"ppo-{secrets.token_hex(4)}"
     cmd = ["ray", "job", "submit", "--address", c.dashboard_url, "--submission-id", submission_id,
@@ -232,6 +367,15 @@ def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalClust
     status = c.get(f"/api/jobs/{submission_id}")
     assert status["status"] == "SUCCEEDED", f"job {status['status']}: {status.get('message')}\n{output[-6000:]}"
     print(f"job took {time.monotonic() - t0:.0f}s")
+    print("\n".join(ln for ln in output.splitlines() if ln.startswith(("Ray dashboard", "step "))))
+    # cluster/README.md's other way to pass the token: a header, with token mode off locally.
+    plain_env = {k: v for k, v in c.env.items() if not k.startswith("RAY_AUTH_")}
+    plain_env["RAY_AUTH_MODE"] = "disabled"
+    headers = json.dumps({"Authorization": f"Bearer {c.token}"})
+    job_status = subprocess.run(["ray", "job", "status", submission_id, "--address", c.dashboard_url,
+                                 "--headers", headers], env=plain_env, capture_output=True, text=True, timeout=60)
+    assert job_status.returncode == 0 and f"Job '{submission_id}' succeeded" in job_status.stdout, (
+        job_status.stdout + job_status.stderr)
 
     # The run happened: two steps of statistics and a saved policy.
     run_dir = out_dir / RUN_NAME
@@ -248,4 +392,5 @@ def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalClust
     assert all(n in nodes for n in rollout_nodes)
     placed = {name: sorted(k for k in nodes[a["node_id"]]["resources_total"] if k.startswith("node-"))
               for name, a in by_name.items()}
+    print(f"actors on nodes: {placed}")
     assert rollout_nodes[0] != rollout_nodes[1], f"SPREAD left both rollout actors on one node: {placed}"
