@@ -127,6 +127,8 @@ class RunConfig:
     """how many of the newest checkpoints to keep"""
     resume: str = ""
     """a run directory or checkpoint to continue; its config.yaml is the base, flags still win"""
+    report_queries: int = 16
+    """held-out queries in the before/after table made at the end (0: no figure or table)"""
     test_nan_reward_step: int = -1
     """TEST ONLY: make one reward NaN at this step, to exercise the non-finite stop"""
 

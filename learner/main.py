@@ -297,7 +297,8 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def train(cfg: Config) -> Path:
-    """1. data and checks  2. Ray and actors  3. resume  4. the steps  5. checkpoint + policy."""
+    """1. data and checks  2. Ray and actors  3. resume  4. the steps  5. checkpoint + policy
+    6. report."""
     import ray
 
     from learner import placement
@@ -350,6 +351,13 @@ def train(cfg: Config) -> Path:
         print(f"tuned policy saved to {driver.save_policy()}", flush=True)
     finally:
         ray.shutdown()
+    # 6. the figure and the before/after table (python -m learner.report RUN_DIR redoes them)
+    if cfg.run.report_queries:
+        from learner.report import make_report
+
+        report = make_report(run.path, n_queries=cfg.run.report_queries, seed=cfg.run.seed)
+        print(f"reward figure: {report['figure']}  |  before/after table: {report['markdown']}  "
+              f"(mean reward {report['mean_before']:+.3f} -> {report['mean_after']:+.3f})", flush=True)
     return run.path
 
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +73,7 @@ class DriverRun:
     run_dir: Path
     returncode: int
     output: str
+    metrics: str = ""  # Prometheus text scraped during the run, where the fixture did
 
     def stats(self) -> list[dict]:
         return [json.loads(line) for line in (self.run_dir / "stats.jsonl").read_text().splitlines()]
@@ -84,9 +89,54 @@ def run_driver(args: list[str], out_dir: Path, name: str, timeout: float = 900, 
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory, shared_dir) -> DriverRun:
-    """The stand-in quick config with 2 rollout actors, run once for every test that reads it."""
+    """The stand-in quick config with 2 rollout actors, run once for every test that reads it.
+
+    While it runs, the Prometheus text that Ray exports on this machine is scraped once the
+    project's metrics appear (the metrics ports are listed in the service discovery file in
+    Ray's session folder; RAY_TMPDIR gives the run its own, short, Ray folder)."""
     out = tmp_path_factory.mktemp("runs")
-    run = run_driver(["--config", "configs/stand-in-quick.yaml", "--cluster.num_rollout_workers", "2"],
-                     out, "quick")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # unix socket paths must stay short
+    cmd = [sys.executable, "-m", "learner.main", "--config", "configs/stand-in-quick.yaml",
+           "--cluster.num_rollout_workers", "2", "--out-dir", str(out), "--run.name", "quick"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    metrics = ""
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not metrics and line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 2:
+                metrics = scrape_ray_metrics(ray_tmp, want=("ray_ppo_reward_mean", "ray_ppo_reward_batch_size"),
+                                             timeout=60)
+        proc.wait(timeout=900)
+    finally:
+        proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    run = DriverRun(out / "quick", proc.returncode, "".join(lines), metrics)
     assert run.returncode == 0, run.output[-3000:]
     return run
+
+
+def scrape_ray_metrics(ray_tmp: Path, want: tuple[str, ...], timeout: float) -> str:
+    """Prometheus text of every metrics port listed in Ray's service discovery file, once
+    every name in ``want`` shows up (each process exports every few seconds). Read through loopback."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        for sd in ray_tmp.glob("ray/session_latest/prom_metrics_service_discovery.json"):
+            try:
+                targets = json.loads(sd.read_text())[0]["targets"]
+            except (ValueError, IndexError, KeyError, OSError):
+                continue
+            text = ""
+            for target in targets:
+                port = target.rsplit(":", 1)[1]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                        text += resp.read().decode()
+                except OSError:
+                    pass
+            if all(name in text for name in want):
+                return text
+        time.sleep(2)
+    return text

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from transformers import pipeline
 
 from conftest import DriverRun
@@ -34,3 +35,79 @@ def test_tuned_policy_loads_in_a_pipeline(quick_run: DriverRun):
     assert (folder / "value_head.safetensors").is_file()
     text = pipeline("text-generation", model=str(folder), device="cpu")("This film", max_new_tokens=4)
     assert text[0]["generated_text"].startswith("This film")
+
+
+# ----------------------------------------------------------------------------- what users watch and keep
+
+def _samples(text: str, name: str) -> list[tuple[str, float]]:
+    """(labels, value) of every sample of one Prometheus metric."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, value = line.rsplit(" ", 1)
+            out.append((labels, float(value)))
+    return out
+
+
+def test_ray_exports_the_project_metrics(quick_run: DriverRun):
+    text = quick_run.metrics
+    assert text, "no Prometheus text was scraped during the run"
+    for name in ("ray_ppo_reward_mean", "ray_ppo_kl", "ray_ppo_kl_coef", "ray_ppo_policy_loss",
+                 "ray_ppo_value_loss", "ray_ppo_clipfrac", "ray_ppo_samples_per_second",
+                 "ray_ppo_tokens_per_second", "ray_ppo_phase_seconds", "ray_ppo_weight_version_lag",
+                 "ray_ppo_reward_batch_size_count"):
+        assert _samples(text, name), f"{name} not exported"
+    (_, reward), = _samples(text, "ray_ppo_reward_mean")
+    assert -3 < reward < 3
+    (_, beta), = _samples(text, "ray_ppo_kl_coef")
+    assert 0.04 < beta < 0.06  # the quick config's init_kl_coef, barely moved
+    (_, sps), = _samples(text, "ray_ppo_samples_per_second")
+    assert sps > 0
+    phases = {labels.split('phase="')[1].split('"')[0]: v for labels, v in _samples(text, "ray_ppo_phase_seconds")}
+    assert {"broadcast", "generate", "score", "update"} <= set(phases) and all(v >= 0 for v in phases.values())
+    lags = {labels.split('actor="')[1].split('"')[0]: v for labels, v in _samples(text, "ray_ppo_weight_version_lag")}
+    assert lags == {"rollout-0": 0.0, "rollout-1": 0.0}
+    assert sum(v for _, v in _samples(text, "ray_ppo_reward_batch_size_count")) >= 2
+
+
+STAT_KEYS = {
+    "env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef", "objective/entropy",
+    "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/clipfrac", "ppo/policy/approxkl",
+    "ppo/policy/policykl", "ppo/policy/entropy", "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac",
+    "ppo/val/var_explained", "ppo/returns/mean", "ppo/returns/var", "time/broadcast", "time/generate",
+    "time/score", "time/update", "time/step", "samples_per_second", "tokens_per_second",
+    "rollout/weight_version", "rollout/version_lag",
+}
+
+
+def test_run_directory_is_complete(quick_run: DriverRun):
+    import yaml
+
+    d = quick_run.run_dir
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    assert cfg["ppo"]["learning_rate"] == 1e-3 and cfg["cluster"]["num_rollout_workers"] == 2
+    stats = quick_run.stats()
+    assert [s["step"] for s in stats] == list(range(10))
+    for s in stats:
+        assert STAT_KEYS <= set(s), STAT_KEYS - set(s)
+    png = (d / "reward.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (d / "policy" / "model.safetensors").is_file()
+    assert (d / "checkpoints" / "step-000010" / "MANIFEST.json").is_file()
+
+
+def test_before_after_table_rewards_are_the_reward_models(quick_run: DriverRun, reward_dir: Path):
+    import csv
+
+    from rewards.scorer import RewardSettings, SentimentScorer
+
+    rows = list(csv.DictReader((quick_run.run_dir / "before_after.csv").open()))
+    assert len(rows) == 16
+    scorer = SentimentScorer(RewardSettings(model=str(reward_dir), torch_threads=1))
+    for side in ("before", "after"):
+        texts = [r["query"] + r[f"response {side}"] for r in rows]
+        want = scorer.score(texts)
+        got = [float(r[f"reward {side}"]) for r in rows]
+        assert got == pytest.approx(want, abs=1e-4)
+    md = (quick_run.run_dir / "before_after.md").read_text()
+    assert "mean" in md and "median" in md
