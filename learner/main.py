@@ -130,7 +130,8 @@ class Driver:
         self.shards = shard_bounds(cfg.ppo.batch_size, len(self.actors.rollouts))
         self.metrics = RunMetrics(run.path.name)
         self.failures = 0
-        self.step = 0
+        self.prefetched: tuple[list[list[int]], list[Any]] | None = None  # ppo.max_lag=1: the next batch
+        self.data_state = DataState(**vars(stream.state))
 
     # ---------------------------------------------------------------- remote calls
 
@@ -218,13 +219,20 @@ class Driver:
         # A restarted actor holds the weights it loaded from disk: give it the current ones.
         self.wait(worker.load_weights.remote(weights, version), f"weights for restarted rollout-{i}")
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        cfg = self.cfg
+    def train_step(self, step: int, steps: int) -> dict[str, Any]:
+        """One PPO step. With ppo.max_lag=1 the next step's batch is generated (by these same
+        weights) while the learner updates, and waits in ``self.prefetched``."""
+        cfg, lag = self.cfg, self.cfg.ppo.max_lag
         t0 = time.perf_counter()
         version, weights = self.broadcast()
         t1 = time.perf_counter()
-        queries = self.stream.next_batch()
-        rollouts = self.rollout(queries, step, version, weights)
+        if self.prefetched is not None:
+            queries, rollouts = self.prefetched
+            self.prefetched = None
+        else:
+            queries = self.stream.next_batch()
+            rollouts = self.rollout(queries, step, version, weights)
+        consumed = DataState(**vars(self.stream.state))  # the data position once this step is done
         t2 = time.perf_counter()
         responses = [r for ro in rollouts for r in ro.responses]
         scores = [s for ro in rollouts for s in ro.scores]
@@ -232,23 +240,21 @@ class Driver:
             scores[0] = float("nan")
         if not np.all(np.isfinite(scores)):
             raise NonFiniteStop(f"non-finite reward at step {step + 1}", intact=True)
-        try:
-            stats = self.wait(self.actors.learner.step.remote(queries, responses, scores), "PPO step")
-        except self.ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, FloatingPointError):
-                raise NonFiniteStop(f"{err.cause} at step {step + 1}", intact=getattr(err.cause, "intact", False))
-            raise RunError(f"PPO step failed: {_root_cause(err)}") from None
-        except self.ray.exceptions.RayActorError as err:
-            raise RunError(f"the learner actor died ({_root_cause(err)}); continue from the last checkpoint with "
-                           f"--resume {self.run.path}") from None
+        behaviour = [lp for ro in rollouts for lp in ro.logprobs] if lag else None
+        step_ref = self.actors.learner.step.remote(queries, responses, scores, behaviour)
+        if lag and step + 1 < steps:  # overlap: generate the next batch during the update
+            next_queries = self.stream.next_batch()
+            self.prefetched = (next_queries, self.rollout(next_queries, step + 1, version, weights))
+        stats = self._learner_result(step_ref, step)
+        self.data_state = consumed
         t3 = time.perf_counter()
         tokens = sum(len(q) + len(r) for q, r in zip(queries, responses))
+        oldest = min(r.weight_version for r in rollouts)
         stats.update({
             "step": step, "time/broadcast": t1 - t0, "time/rollout": t2 - t1, "time/update": t3 - t2,
             "time/step": t3 - t0, "time/generate": max(r.generate_seconds for r in rollouts),
             "time/score": max(r.score_seconds for r in rollouts),
-            "rollout/weight_version": min(r.weight_version for r in rollouts),
-            "rollout/version_lag": version - min(r.weight_version for r in rollouts),
+            "rollout/weight_version": oldest, "rollout/version_lag": version - oldest,
             "samples_per_second": cfg.ppo.batch_size / (t3 - t0), "tokens_per_second": tokens / (t3 - t0),
             "failures": self.failures,
         })
@@ -258,11 +264,24 @@ class Driver:
         self.metrics.record(stats, {f"rollout-{i}": version - r.weight_version for i, r in enumerate(rollouts)})
         return stats
 
+    def _learner_result(self, step_ref, step: int) -> dict[str, Any]:
+        try:
+            return self.wait(step_ref, "PPO step")
+        except self.ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, FloatingPointError):
+                raise NonFiniteStop(f"{err.cause} at step {step + 1}", intact=getattr(err.cause, "intact", False))
+            raise RunError(f"PPO step failed: {_root_cause(err)}") from None
+        except self.ray.exceptions.RayActorError as err:
+            raise RunError(f"the learner actor died ({_root_cause(err)}); continue from the last checkpoint with "
+                           f"--resume {self.run.path}") from None
+
     # ---------------------------------------------------------------- state
 
     def save_checkpoint(self, steps_done: int) -> Path:
         state = self.wait(self.actors.learner.state_bytes.remote(), "learner state")
-        driver = {"step": steps_done, "data": vars(self.stream.state), "seed": self.cfg.run.seed}
+        # The data position of the finished steps: a prefetched batch (ppo.max_lag=1) is drawn
+        # again on resume, and generated by the resumed weights.
+        driver = {"step": steps_done, "data": vars(self.data_state), "seed": self.cfg.run.seed}
         files = {"learner.pt": state, "driver.json": json.dumps(driver).encode()}
         for name in ("stats.jsonl", "rollouts.jsonl"):
             file = self.run.path / name
@@ -272,6 +291,7 @@ class Driver:
     def restore(self, ckpt: Path) -> int:
         driver = json.loads((ckpt / "driver.json").read_text())
         self.stream.load_state(DataState(**driver["data"]))
+        self.data_state = DataState(**driver["data"])
         self.wait(self.actors.learner.load_state_bytes.remote((ckpt / "learner.pt").read_bytes()), "restoring the learner")
         self.run.restore_logs(ckpt)
         return driver["step"]
@@ -330,7 +350,7 @@ def train(cfg: Config) -> Path:
         t_start, last_ckpt = time.perf_counter(), start
         for step in range(start, steps):
             try:
-                stats = driver.train_step(step)
+                stats = driver.train_step(step, steps)
             except NonFiniteStop as err:
                 where = (f"saved the last good state as {driver.save_checkpoint(step)}" if err.intact
                          else f"the last good checkpoint is step {last_ckpt}")

@@ -109,7 +109,7 @@ class LossOutput:
 
 
 def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor, v_old: torch.Tensor,
-             advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
+             advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
              cliprange: float, cliprange_value: float, vf_coef: float, ratio_threshold: float) -> LossOutput:
     """Step 5: clipped surrogate + clipped value loss (Schulman et al. 2017, arXiv:1707.06347).
 
@@ -117,7 +117,7 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor
     vf_loss = 0.5 * masked_mean(max((V-R)^2, (clip(V, V_old-eps_v, V_old+eps_v)-R)^2))
     If masked_mean(ratio) > ratio_threshold the loss (and the reported losses) become 0,
     but the caller still runs backward and the optimizer step, as the reference does.
-    ``logits`` are (B, T, V) and only feed the entropy statistic.
+    ``entropy`` is the current policy's per-token entropy (B, T); it only feeds a statistic.
     """
     v_clipped = torch.clamp(v_new, v_old - cliprange_value, v_old + cliprange_value)
     vf_losses1 = (v_new - returns) ** 2
@@ -142,10 +142,11 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor
             "loss/policy": pg_loss.detach(),
             "loss/value": vf_loss.detach(),
             "loss/total": loss.detach(),
-            "policy/entropy": masked_mean(entropy_from_logits(logits), mask),
+            "policy/entropy": masked_mean(entropy, mask),
             "policy/approxkl": 0.5 * masked_mean((logp_new - logp_old) ** 2, mask),
             "policy/policykl": masked_mean(logp_old - logp_new, mask),
             "policy/clipfrac": pg_clipfrac,
+            "policy/ratio_mean": masked_mean(ratio, mask),
             "policy/advantages_mean": masked_mean(advantages, mask),
             "returns/mean": masked_mean(returns, mask),
             "returns/var": masked_var(returns, mask),

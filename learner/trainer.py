@@ -56,6 +56,27 @@ def pad_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int,
     return PaddedBatch(ids, attn, pos, mask)
 
 
+@dataclass
+class TokenOutputs:
+    """Per-token outputs in the batch's (B, T) layout, T = padded length - 1."""
+
+    logp: torch.Tensor                # log-prob of the next token; 0 where it is not a response token
+    values: torch.Tensor | None       # value head at each position
+    entropy: torch.Tensor | None      # entropy of the next-token distribution; 0 off the mask
+
+
+def _scatter(flat: torch.Tensor, sel: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """Values for the True entries of ``sel`` (b, w) into a zero (b, width) tensor whose
+    columns start..start+w they fill, keeping grad."""
+    out = torch.zeros(sel.shape, dtype=flat.dtype, device=flat.device).masked_scatter(sel, flat)
+    return _place(out, start, width)
+
+
+def _place(x: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """(b, w) columns placed at start..start+w of a zero-padded (b, width) tensor."""
+    return torch.nn.functional.pad(x, (start, width - start - x.shape[1]))
+
+
 class NonFiniteError(FloatingPointError):
     """A non-finite value in the step; ``intact`` says no parameter was updated in this step."""
 
@@ -92,36 +113,54 @@ class PPOLearner:
 
     # ------------------------------------------------------------------ forward passes
 
-    def _forward(self, model: torch.nn.Module, batch: PaddedBatch, with_values: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(logits (B, L-1, V) fp32, logp of the next token (B, L-1), values (B, L-1) or None)."""
-        ids = batch.input_ids.to(self.device)
-        kwargs = dict(input_ids=ids, attention_mask=batch.attention_mask.to(self.device),
-                      position_ids=batch.position_ids.to(self.device))
-        if with_values:
-            logits, values = model(**kwargs)
-            values = values[:, :-1]
-        else:
-            logits, values = model(**kwargs, use_cache=False).logits.float(), None
-        logits = logits[:, :-1]
-        return logits, ppo.logprobs_from_logits(logits, ids[:, 1:]), values
+    def _forward(self, model: torch.nn.Module, batch: PaddedBatch, with_values: bool,
+                 with_entropy: bool = False) -> TokenOutputs:
+        """Per-token outputs of ``model`` (the policy or the frozen reference) on ``batch``.
 
-    @torch.no_grad()
-    def _rollout_forward(self, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Step 1: logp_old, V_old (policy) and logp_ref (reference), chunked, no grad."""
-        fbs = self.cfg.forward_batch_size or self.cfg.mini_batch_size
-        out: list[tuple[torch.Tensor, ...]] = []
-        for start in range(0, batch.input_ids.shape[0], fbs):
-            chunk = batch.rows(torch.arange(start, min(start + fbs, batch.input_ids.shape[0])))
-            _, logp, values = self._forward(self.model, chunk, with_values=True)
-            _, logp_ref, _ = self._forward(self.ref_model, chunk, with_values=False)
-            out.append((logp, values, logp_ref))
-        return tuple(torch.cat(parts).cpu() for parts in zip(*out))  # type: ignore[return-value]
+        Two savings that leave every number as the reference computes it:
+        - rows are grouped by length into ``ppo.length_buckets`` groups, each padded only
+          to its own longest row (a batch padded to its longest row is ~1/3 padding);
+        - the LM head (and log-softmax) runs only where the next token is a response token,
+          the only places whose log-probs the step uses.
+        """
+        is_policy = model is self.model
+        lm = self.model.pretrained_model if is_policy else model
+        body, head = lm.base_model, lm.get_output_embeddings()
+        lengths = batch.attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        width = batch.mask.shape[1]
+        parts: list[TokenOutputs] = []
+        for rows in torch.tensor_split(order, min(self.cfg.length_buckets, len(order))):
+            # The columns holding the group's real tokens (either padding side), nothing more.
+            real = batch.attention_mask[rows].any(dim=0).nonzero()
+            a, b = int(real.min()), int(real.max()) + 1
+            g = PaddedBatch(batch.input_ids[rows, a:b], batch.attention_mask[rows, a:b],
+                            batch.position_ids[rows, a:b], batch.mask[rows, a:b - 1])
+            ids = g.input_ids.to(self.device)
+            hidden = body(input_ids=ids, attention_mask=g.attention_mask.to(self.device),
+                          position_ids=g.position_ids.to(self.device), use_cache=False).last_hidden_state
+            sel = g.mask.to(self.device).bool()  # (b, L-1)
+            logits = head(hidden[:, :-1][sel]).float()  # (N, V): response positions only
+            logp = _scatter(ppo.logprobs_from_logits(logits, ids[:, 1:][sel]), sel, a, width)
+            values = _place(self.model.v_head(hidden)[:, :-1], a, width) if with_values else None
+            entropy = _scatter(ppo.entropy_from_logits(logits), sel, a, width) if with_entropy else None
+            parts.append(TokenOutputs(logp, values, entropy))
+        inverse = torch.argsort(order).to(self.device)
+        cat = lambda xs: None if xs[0] is None else torch.cat(xs)[inverse]  # noqa: E731
+        return TokenOutputs(cat([p.logp for p in parts]), cat([p.values for p in parts]),
+                            cat([p.entropy for p in parts]))
 
     # ------------------------------------------------------------------ the PPO step
 
-    def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> dict[str, float]:
-        """One reference PPO step on a full batch; returns the reference's statistics."""
+    def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
+             behaviour_logprobs: list[list[float]] | None = None) -> dict[str, float]:
+        """One reference PPO step on a full batch; returns the reference's statistics.
+
+        ``behaviour_logprobs`` (B, Lr_i), when given, are the log-probs of the policy that
+        sampled the responses and serve as the old log-probs: with generation overlapped with
+        the previous update (cluster.max_lag=1) that policy is one update behind the learner,
+        and the PPO ratio must be taken against it.
+        """
         cfg = self.cfg
         if not len(queries) == len(responses) == len(scores) == cfg.batch_size:
             raise ValueError(f"step needs ppo.batch_size={cfg.batch_size} rollouts, got {len(queries)} queries, "
@@ -133,15 +172,29 @@ class PPOLearner:
         scores_t = torch.tensor(scores, dtype=torch.float32)
         _check_finite("reward scores", scores_t, intact=True)
         batch = pad_batch(queries, responses, self.pad_id, self.padding_side)
-        mask = batch.mask
+        mask = batch.mask.to(self.device)
 
-        # 1. forward passes without grad (eval mode: dropout off)
-        logp_old, v_old, logp_ref = self._rollout_forward(batch)
+        # 1. forward passes (eval mode: dropout off). With one minibatch per epoch the first
+        # minibatch's forward pass sees exactly the weights of the rollout pass, so it is
+        # computed once, with grad, and its detached outputs are logp_old and V_old.
+        with torch.no_grad():
+            logp_ref = self._forward(self.ref_model, batch, with_values=False).logp
+        first = None
+        if cfg.mini_batch_size == cfg.batch_size:
+            first = self._forward(self.model, batch, with_values=True, with_entropy=True)
+            logp_old, v_old = first.logp.detach(), first.values.detach()
+        else:
+            with torch.no_grad():
+                out = self._forward(self.model, batch, with_values=True)
+            logp_old, v_old = out.logp, out.values
+        if behaviour_logprobs is not None:
+            flat = torch.tensor([lp for row in behaviour_logprobs for lp in row], device=self.device)
+            logp_old = _scatter(flat, mask.bool(), 0, mask.shape[1])
         for what, t in (("policy log-probs", logp_old), ("values", v_old), ("reference log-probs", logp_ref)):
             _check_finite(what, t[mask.bool()], intact=True)
         beta = float(self.kl_ctl.value)
         # 3. per-token rewards;  4. GAE + whitening
-        rewards, non_score, kl = ppo.kl_rewards(logp_old, logp_ref, scores_t, mask, beta)
+        rewards, non_score, kl = ppo.kl_rewards(logp_old, logp_ref, scores_t.to(self.device), mask, beta)
         values, advantages, returns = ppo.gae_advantages(v_old, rewards, mask, cfg.gamma, cfg.lam)
         timing["time/learner/forward"] = time.perf_counter() - t0
 
@@ -151,24 +204,28 @@ class PPOLearner:
         for _ in range(cfg.ppo_epochs):
             perm = torch.from_numpy(self.rng.permutation(cfg.batch_size))
             for start in range(0, cfg.batch_size, cfg.mini_batch_size):
-                idx = perm[start:start + cfg.mini_batch_size]
-                mb_stats.append(self._train_minibatch(batch.rows(idx), logp_old[idx], values[idx],
-                                                      advantages[idx], returns[idx], intact=not mb_stats))
+                if first is not None:  # the whole batch: row order does not change a token-level mean
+                    idx, reuse, first = torch.arange(cfg.batch_size), first, None
+                else:
+                    idx, reuse = perm[start:start + cfg.mini_batch_size], None
+                mb_stats.append(self._train_minibatch(batch.rows(idx), logp_old[idx], values[idx], advantages[idx],
+                                                      returns[idx], intact=not mb_stats, outputs=reuse))
         self.version += 1
         timing["time/learner/update"] = time.perf_counter() - t1
 
         # statistics, then 6. the KL controller update with this step's rollout KL
-        stats = self._step_stats(queries, responses, scores_t, logp_old, logp_ref, non_score, mask, beta, mb_stats)
+        stats = self._step_stats(queries, responses, scores_t, logp_old.cpu(), logp_ref.cpu(), non_score.cpu(),
+                                 mask.cpu(), beta, mb_stats)
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size)
         stats.update(timing)
         return stats
 
     def _train_minibatch(self, mb: PaddedBatch, logp_old: torch.Tensor, v_old: torch.Tensor,
-                         advantages: torch.Tensor, returns: torch.Tensor, intact: bool) -> dict[str, torch.Tensor]:
-        dev = self.device
-        logits, logp_new, v_new = self._forward(self.model, mb, with_values=True)
-        out = ppo.ppo_loss(logp_new, logp_old.to(dev), v_new, v_old.to(dev), advantages.to(dev),
-                           returns.to(dev), mb.mask.to(dev), logits, self.cfg.cliprange, self.cfg.cliprange_value,
+                         advantages: torch.Tensor, returns: torch.Tensor, intact: bool,
+                         outputs: TokenOutputs | None = None) -> dict[str, torch.Tensor]:
+        out_new = outputs or self._forward(self.model, mb, with_values=True, with_entropy=True)
+        out = ppo.ppo_loss(out_new.logp, logp_old, out_new.values, v_old, advantages, returns,
+                           mb.mask.to(self.device), out_new.entropy, self.cfg.cliprange, self.cfg.cliprange_value,
                            self.cfg.vf_coef, self.cfg.ratio_threshold)
         _check_finite("PPO loss", out.loss.detach(), intact)  # before backward: never step on NaN
         if out.skipped:

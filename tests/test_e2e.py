@@ -111,3 +111,17 @@ def test_before_after_table_rewards_are_the_reward_models(quick_run: DriverRun, 
         assert got == pytest.approx(want, abs=1e-4)
     md = (quick_run.run_dir / "before_after.md").read_text()
     assert "mean" in md and "median" in md
+
+
+def test_overlapped_generation_still_learns(tmp_path: Path):
+    """ppo.max_lag=1: each batch after the first is generated during the previous update, by
+    weights one update old, and the PPO ratio is taken against them."""
+    from conftest import run_driver
+
+    run = run_driver(["--config", "configs/stand-in-quick.yaml", "--ppo.max_lag", "1", "--run.report_queries", "0"],
+                     tmp_path, "lag")
+    assert run.returncode == 0, run.output[-3000:]
+    stats = run.stats()
+    assert [s["rollout/version_lag"] for s in stats] == [0] + [1] * 9
+    first, last = sum(s["env/reward_mean"] for s in stats[:3]) / 3, sum(s["env/reward_mean"] for s in stats[-3:]) / 3
+    assert last > first + 0.15, f"first 3 steps {first:.3f}, last 3 {last:.3f}"

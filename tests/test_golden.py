@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from learner.config import PPOConfig
-from learner.trainer import PPOLearner
+from learner.trainer import PPOLearner, pad_batch
 
 from conftest import SHARED
 
@@ -73,23 +73,26 @@ def test_matches_reference(case: Path):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_side_gives_unpadded_outputs(side: str):
-    """Every real token gets the logits and value it gets unpadded (within 1e-5)."""
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_padding_gives_unpadded_outputs(side: str, buckets: int):
+    """Every real token gets the logits and value it gets unpadded (within 1e-5), whatever
+    the padding side and the grouping of rows by length."""
     case = CASES[0]
     spec = json.loads((case / "case.json").read_text())
-    learner = PPOLearner(str(case / "policy"), _ppo_config(spec["ppo"]), device="cpu")
-    learner.padding_side = side
-    from learner.trainer import pad_batch
-
+    learner = PPOLearner(str(case / "policy"), _ppo_config({**spec["ppo"], "length_buckets": buckets}), device="cpu")
     step = spec["steps"][0]
     batch = pad_batch(step["queries"], step["responses"], learner.pad_id, side)
     with torch.no_grad():
-        logits, logp, values = learner._forward(learner.model, batch, with_values=True)
+        out = learner._forward(learner.model, batch, with_values=True, with_entropy=True)
+        logits, values = learner.model(batch.input_ids, batch.attention_mask, batch.position_ids)
         for b, (q, r) in enumerate(zip(step["queries"], step["responses"])):
             single = pad_batch([q], [r], learner.pad_id)
-            l1, lp1, v1 = learner._forward(learner.model, single, with_values=True)
-            real = (batch.attention_mask[b, :-1] & batch.attention_mask[b, 1:]).bool()
-            assert torch.allclose(logits[b][real], l1[0], atol=1e-5)
+            one = learner._forward(learner.model, single, with_values=True, with_entropy=True)
+            l1, v1 = learner.model(single.input_ids, single.attention_mask, single.position_ids)
+            real = batch.attention_mask[b].bool()
+            assert torch.allclose(logits[b][real], l1[0], atol=1e-5)  # the model with position ids
             assert torch.allclose(values[b][real], v1[0], atol=1e-5)
-            assert torch.allclose(logp[b][real], lp1[0], atol=1e-5)
-            assert torch.equal(batch.mask[b][real], single.mask[0])
+            inner = (batch.attention_mask[b, :-1] & batch.attention_mask[b, 1:]).bool()
+            assert torch.equal(batch.mask[b][inner], single.mask[0])
+            for name in ("logp", "values", "entropy"):  # the learner's bucketed, response-only pass
+                assert torch.allclose(getattr(out, name)[b][inner], getattr(one, name)[0], atol=1e-5), name

@@ -98,3 +98,25 @@ def test_wrong_batch_is_rejected(tiny_policy: Path):
     learner = PPOLearner(str(tiny_policy), PPOConfig(batch_size=4, mini_batch_size=2), device="cpu")
     with pytest.raises(ValueError, match="ppo.batch_size=4"):
         learner.step([[1, 2]], [[3, 4]], [1.0])
+
+
+def test_behaviour_logprobs_give_ratio_one_without_an_update_in_between(policy_dir: Path):
+    """ppo.max_lag=1 passes the sampling policy's log-probs as the old log-probs. With no
+    update between sampling and learning, the first minibatch's ratio must be exactly 1
+    (up to float noise), as with the learner's own log-probs."""
+    from actors.rollout import RolloutSettings, RolloutWorker
+
+    cfg = PPOConfig(batch_size=16, mini_batch_size=16, ppo_epochs=1, learning_rate=1e-3)
+    learner = PPOLearner(str(policy_dir), cfg, device="cpu", torch_threads=1)
+    worker = RolloutWorker(RolloutSettings(policy=str(policy_dir), torch_threads=1))
+    queries = [[5 + i, 60, 700 + i] for i in range(16)]
+    ro = worker.generate(queries, step=0, shard=0)
+    stats = learner.step(queries, ro.responses, [float(i % 4) - 1.5 for i in range(16)], ro.logprobs)
+    assert stats["ppo/policy/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert stats["ppo/policy/approxkl"] < 1e-8
+
+    # One update later the worker (still at version 0) is one step behind: the ratio is taken
+    # against its log-probs, not against the learner's current ones.
+    ro2 = worker.generate(queries, step=1, shard=0)
+    lagged = learner.step(queries, ro2.responses, [1.0] * 16, ro2.logprobs)
+    assert abs(lagged["ppo/policy/ratio_mean"] - 1.0) > 1e-4  # the policy moved since sampling

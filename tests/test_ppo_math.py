@@ -84,8 +84,8 @@ def test_ppo_loss_clipping_by_hand():
     v_old = torch.tensor([[0.0, 1.0, 1.0]])
     v_new = torch.tensor([[0.0, 2.0, 2.0]])  # clipped to 1.2
     ret = torch.tensor([[0.0, 3.0, 3.0]])
-    logits = torch.zeros(1, 3, 4)
-    out = ppo.ppo_loss(lp_new, lp_old, v_new, v_old, adv, ret, mask, logits, cliprange=0.2,
+    entropy = ppo.entropy_from_logits(torch.zeros(1, 3, 4))  # uniform over 4
+    out = ppo.ppo_loss(lp_new, lp_old, v_new, v_old, adv, ret, mask, entropy, cliprange=0.2,
                        cliprange_value=0.2, vf_coef=0.1, ratio_threshold=10.0)
     s = out.stats
     assert s["loss/policy"].item() == pytest.approx(-1.2)  # max(-1.6487, -1.2)
@@ -106,7 +106,7 @@ def test_ppo_loss_negative_advantage_and_ratio_threshold():
     mask = torch.ones(1, 2)
     adv = torch.tensor([[-1.0, -1.0]])
     z = torch.zeros(1, 2)
-    out = ppo.ppo_loss(lp_new, lp_old, z, z, adv, z + 0.5, mask, torch.zeros(1, 2, 3), 0.2, 0.2, 0.1,
+    out = ppo.ppo_loss(lp_new, lp_old, z, z, adv, z + 0.5, mask, torch.zeros(1, 2), 0.2, 0.2, 0.1,
                        ratio_threshold=10.0)
     # mean ratio 10.25 > 10: loss and reported losses are zero, but clip stats remain
     assert out.skipped
