@@ -8,6 +8,8 @@ from transformers import pipeline
 
 from conftest import DriverRun
 
+pytestmark = pytest.mark.e2e
+
 
 def test_reward_rises(quick_run: DriverRun):
     means = [s["env/reward_mean"] for s in quick_run.stats()]

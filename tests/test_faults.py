@@ -15,6 +15,8 @@ import pytest
 
 from conftest import REPO, DriverRun, run_driver
 
+pytestmark = pytest.mark.e2e
+
 # A small, fast run for the failure cases (they check recovery, not learning).
 SMALL = ["--config", "configs/stand-in-quick.yaml", "--ppo.batch_size", "16", "--ppo.mini_batch_size", "16"]
 
