@@ -252,6 +252,53 @@ class RolloutWorker:
         return {name: tensor.detach().cpu().clone().numpy()
                 for name, tensor in self.model.state_dict().items() if name not in self._tied}
 
+    # ------------------------------------------------------------ collective weight broadcast
+
+    def join_weight_group(self, init_method: str, rank: int, world_size: int, backend: str = "gloo",
+                          timeout_s: float = 300.0, keep_buffers: bool = True) -> None:
+        """Joins the learner's weight group (``actors.collective.WeightGroup``) as ``rank`` (> 0).
+
+        Blocks until every rank has joined: the driver calls it on all members at once. Leaves
+        this worker's previous group first, if any. NCCL needs the worker on a CUDA device; with
+        gloo the buffers are on the CPU whatever the worker's device. ``keep_buffers``: keep the
+        receive buffer between broadcasts (one extra copy of the weights in memory; see WeightGroup).
+        """
+        from actors.collective import WeightGroup
+
+        if rank < 1:
+            raise ValueError(f"a rollout worker receives weights: its rank must be >= 1 (0 is the sender), got {rank}")
+        if backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"backend 'nccl' needs the rollout worker on a CUDA device; it is on {self.device}")
+        self.leave_weight_group()
+        self._weight_group = WeightGroup(init_method, rank, world_size, backend, timeout_s,
+                                         group_name=f"weights-rank{rank}",
+                                         device=self.device if backend == "nccl" else "cpu",
+                                         keep_buffers=keep_buffers)
+
+    def receive_weights(self) -> int:
+        """Receives one versioned broadcast of the learner's weights in place; returns (and holds) its version.
+
+        The tensors are the causal LM's state_dict without tied duplicates, in state_dict order:
+        the order the learner sends. A layout mismatch raises ``WeightLayoutError`` and leaves the
+        weights and version as they were.
+        """
+        from actors.collective import receive
+
+        group = getattr(self, "_weight_group", None)
+        if group is None:
+            raise RuntimeError("receive_weights: this rollout worker is in no weight group; call join_weight_group first")
+        tensors = [t for name, t in self.model.state_dict().items() if name not in self._tied]
+        self._weight_version = receive(group, tensors)
+        logger.debug("received weights version %d", self._weight_version)
+        return self._weight_version
+
+    def leave_weight_group(self) -> None:
+        """Leaves the weight group, if in one (safe to call at any time)."""
+        group = getattr(self, "_weight_group", None)
+        self._weight_group = None
+        if group is not None:
+            group.destroy()
+
     def generate(self, queries: list[list[int]], step: int, shard: int) -> Rollout:
         """Samples one response per query in a single batched generate call; scores stay None."""
         queries = self._checked_queries(queries)

@@ -106,6 +106,9 @@ class ClusterConfig:
     """CPUs reserved for the learner actor (it does the heavy CPU work when there is no GPU)"""
     torch_threads: int = 0
     """torch threads per actor (0: the learner uses all cores, rollout and reward actors cores / num_rollout_workers)"""
+    weight_broadcast: str = "object_store"
+    """how weights reach the rollout actors: object_store (put once, read by every node) or
+    collective (torch.distributed broadcast from the learner: NCCL when every member has a GPU, else gloo)"""
     placement_strategy: str = "PACK"
     """Ray placement group strategy: PACK (fewest nodes), SPREAD (rollout actors across nodes), STRICT_*"""
     placement_timeout_s: float = 300.0
@@ -180,6 +183,8 @@ class Config:
             raise ConfigError(f"ppo.max_lag ({p.max_lag}) must be 0 or 1")
         if not 0 <= p.lam <= 1 or not 0 <= p.gamma <= 1:
             raise ConfigError("ppo.gamma and ppo.lam must lie in [0, 1]")
+        if c.weight_broadcast not in ("object_store", "collective"):
+            raise ConfigError(f"cluster.weight_broadcast '{c.weight_broadcast}' must be object_store or collective")
         if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"cluster.placement_strategy '{c.placement_strategy}' must be one of PACK, SPREAD, "
                               "STRICT_PACK, STRICT_SPREAD")

@@ -129,6 +129,9 @@ class Driver:
         (run.path / "actors.json").write_text(json.dumps(dict(zip(names, pings)), indent=1))
         self.shards = shard_bounds(cfg.ppo.batch_size, len(self.actors.rollouts))
         self.metrics = RunMetrics(run.path.name)
+        self.collective = cfg.cluster.weight_broadcast == "collective"
+        if self.collective:
+            self._join_group()
         self.failures = 0
         self.prefetched: tuple[list[list[int]], list[Any]] | None = None  # ppo.max_lag=1: the next batch
         self.data_state = DataState(**vars(stream.state))
@@ -170,7 +173,11 @@ class Driver:
     # ---------------------------------------------------------------- one step
 
     def broadcast(self) -> tuple[int, Any]:
-        """The learner's weights into the object store once; every rollout actor loads that copy."""
+        """The learner's weights to every rollout actor: into the object store once, every
+        actor loading that copy, or (cluster.weight_broadcast=collective) one torch.distributed
+        broadcast. Returns (version, the object-store copy or None)."""
+        if self.collective:
+            return self._collective_broadcast(), None
         version_ref, weights = self.actors.learner.weights.options(num_returns=2).remote()
         version = self.wait(version_ref, "learner weights")
         self._gather({i: (lambda w=w: w.load_weights.remote(weights, version))
@@ -209,6 +216,37 @@ class Driver:
             pending[calls[i]()] = i
         return [results[i] for i in sorted(results)]
 
+    # -- the collective path
+
+    def _join_group(self) -> None:
+        """Every member (re)joins one weight group on a fresh port of the learner's node."""
+        c = self.cfg.cluster
+        backend = "nccl" if self.roles.learner_gpus >= 1 and self.roles.rollout_gpus >= 1 else "gloo"
+        timeout = min(c.call_timeout_s, 120.0)
+        members = [self.actors.learner, *self.actors.rollouts]
+        self.wait([m.leave_weight_group.remote() for m in members], "leaving the weight group")
+        addr = self.wait(self.actors.learner.weight_group_address.remote(), "weight group address")
+        world = len(members)
+        self.wait([self.actors.learner.join_weight_group.remote(addr, world, backend, timeout)]
+                  + [w.join_weight_group.remote(addr, i + 1, world, backend, timeout)
+                     for i, w in enumerate(self.actors.rollouts)], f"joining the {backend} weight group")
+
+    def _collective_broadcast(self) -> int:
+        """One broadcast; a lost rollout actor is waited for, the group rebuilt, and it is sent again."""
+        ray = self.ray
+        while True:
+            refs = [self.actors.learner.send_weights.remote()] + [w.receive_weights.remote()
+                                                                  for w in self.actors.rollouts]
+            try:
+                versions = self.wait(refs, "weight broadcast")
+                return versions[0]
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.RayTaskError) as err:
+                self._failed("the collective weight broadcast", err)
+            for i, worker in enumerate(self.actors.rollouts):
+                self._until_alive(worker, f"rollout-{i}")
+            self._join_group()
+
     def _recover(self, i: int, err: BaseException, version: int, weights) -> None:
         task_error = isinstance(err, self.ray.exceptions.RayTaskError)
         self._failed(f"a reward actor (called by rollout-{i})" if task_error else f"rollout-{i}", err)
@@ -217,7 +255,11 @@ class Driver:
         for j, reward in enumerate(self.actors.rewards):
             self._until_alive(reward, f"rewards-{j}")
         # A restarted actor holds the weights it loaded from disk: give it the current ones.
-        self.wait(worker.load_weights.remote(weights, version), f"weights for restarted rollout-{i}")
+        if self.collective:  # it left the weight group when it died: rebuild the group
+            self._join_group()
+            self._collective_broadcast()
+        else:
+            self.wait(worker.load_weights.remote(weights, version), f"weights for restarted rollout-{i}")
 
     def train_step(self, step: int, steps: int) -> dict[str, Any]:
         """One PPO step. With ppo.max_lag=1 the next step's batch is generated (by these same

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actors import collective
 from learner import ppo
 from learner.config import PPOConfig
 from learner.models import PolicyWithValueHead, lm_weights, load_policy, load_tokenizer, save_policy
@@ -267,6 +268,27 @@ class PPOLearner:
     def weights(self) -> tuple[int, dict[str, np.ndarray]]:
         """(version, weights): call with ``num_returns=2`` so the weights stay in the object store."""
         return self.version, self.get_weights()
+
+    # -- the collective path (cluster.weight_broadcast=collective): rank 0 of a WeightGroup
+
+    def weight_group_address(self) -> str:
+        """tcp://<this node>:<free port>: the group's rendezvous lives with rank 0."""
+        return collective.local_init_method()
+
+    def join_weight_group(self, init_method: str, world_size: int, backend: str, timeout_s: float) -> None:
+        self.leave_weight_group()
+        device = self.device if backend == "nccl" else torch.device("cpu")
+        self.group = collective.WeightGroup(init_method, 0, world_size, backend, timeout_s, device=device)
+
+    def send_weights(self) -> int:
+        """Broadcast the live LM weights with their version to every rollout actor."""
+        collective.send(self.group, self.version, collective.lm_tensors(self.model.pretrained_model))
+        return self.version
+
+    def leave_weight_group(self) -> None:
+        if getattr(self, "group", None) is not None:
+            self.group.destroy()
+        self.group = None
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """The causal LM's weights as numpy (zero-copy in Ray's object store), tied copies once."""

@@ -54,7 +54,9 @@ def test_gloo_broadcast_rebuild_and_mismatch(ray_local, policy_dir: Path):
             return collective.local_init_method()
 
         def join(self, init_method: str, world_size: int) -> None:
-            self.group = collective.WeightGroup(init_method, 0, world_size, "gloo", TIMEOUT_S, group_name="test")
+            # keep_buffers=False here, the default (True) on the receivers: both ways are covered.
+            self.group = collective.WeightGroup(init_method, 0, world_size, "gloo", TIMEOUT_S, group_name="test",
+                                                keep_buffers=False)
 
         def send(self, version: int, drop_last: bool = False) -> None:
             tensors = collective.lm_tensors(self.model)
@@ -130,3 +132,25 @@ def test_receive_without_group_is_a_clear_error(policy_dir: Path):
     with pytest.raises(ValueError, match="nccl"):
         worker.join_weight_group("tcp://127.0.0.1:1", 1, 2, "nccl", 1.0)
     worker.leave_weight_group()  # no group: a no-op
+
+
+def test_failed_join_leaves_no_state_behind():
+    """A join that times out must not leave torch's group counter bumped: the next group's store
+    keys would then differ from a fresh peer's and every rebuild would time out."""
+    import torch.distributed as dist
+
+    with pytest.raises(RuntimeError, match="could not join"):
+        collective.WeightGroup(collective.local_init_method("127.0.0.1"), 0, 2, "gloo", timeout_s=1.0)
+    assert not dist.is_initialized()
+    assert dist.distributed_c10d._world.group_count == 0
+    # A one-rank group here works, and two groups in one process at once are refused.
+    group = collective.WeightGroup(collective.local_init_method(), 0, 1, "gloo", timeout_s=10.0)
+    try:
+        collective.send(group, 1, [torch.ones(3)])
+        with pytest.raises(RuntimeError, match="one WeightGroup at a time"):
+            collective.WeightGroup(collective.local_init_method(), 0, 1, "gloo", timeout_s=10.0)
+    finally:
+        group.destroy()
+    assert not dist.is_initialized() and not group.alive
+    with pytest.raises(RuntimeError, match="destroyed"):
+        collective.send(group, 2, [torch.ones(3)])
