@@ -7,7 +7,8 @@ random GPT-2-small policy) and ``shared/models/distilbert-imdb-mini`` (the rewar
 For a GPT-2-small-sized policy (GPT2Config() defaults, 124M parameters, random weights:
 the hub is unreachable) and for the stand-in policy, it times the recipe's step at batch
 128: generation (one batched call), scoring, the PPO update, and the in-process weight
-hand-over (learner.weights() -> worker.load_weights), after one warm-up step. Prints a
+hand-over (learner.weights() -> worker.load_weights), after one warm-up step; the
+GPT-2-small learner once more with bf16 autocast (ppo.bf16). Prints a
 table and writes gpu_check.json to $OUT (or the current directory).
 """
 from __future__ import annotations
@@ -60,8 +61,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(policy: Path, reward: Path, device: str, batch: int, steps: int) -> dict:
-    cfg = PPOConfig(batch_size=batch, mini_batch_size=batch, learning_rate=1.41e-5)
+def run(policy: Path, reward: Path, device: str, batch: int, steps: int, bf16: bool = False) -> dict:
+    cfg = PPOConfig(batch_size=batch, mini_batch_size=batch, learning_rate=1.41e-5, bf16=bf16)
     worker = RolloutWorker(RolloutSettings(policy=str(policy), device=device, torch_threads=8))
     scorer = SentimentScorer(RewardSettings(model=str(reward), device=device, torch_threads=8))
     learner = PPOLearner(str(policy), cfg, device=device, torch_threads=8)
@@ -105,8 +106,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         small = random_gpt2_small(args.assets / "gpt2-imdb-mini", Path(tmp) / "gpt2-small-random")
-        for label, policy in (("stand-in (6.9M)", args.assets / "gpt2-imdb-mini"), ("gpt2-small (124M)", small)):
-            results[label] = run(policy, args.assets / "distilbert-imdb-mini", args.device, args.batch, args.steps)
+        for label, policy, bf16 in (("stand-in (6.9M)", args.assets / "gpt2-imdb-mini", False),
+                                    ("gpt2-small (124M)", small, False), ("gpt2-small bf16", small, True)):
+            results[label] = run(policy, args.assets / "distilbert-imdb-mini", args.device, args.batch, args.steps,
+                                 bf16)
             r = results[label]
             print(f"{label:18s} params {r['params'] / 1e6:6.1f}M  generate {r['generate']:.3f}s  score {r['score']:.3f}s"
                   f"  update {r['update']:.3f}s  handover {r['handover']:.3f}s  step {r['step']:.3f}s"

@@ -63,34 +63,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def load_run_config(run_dir: Path) -> "Config":
     """The run's Config, rebuilt from config.yaml through the same validation as a new run."""
-    import yaml
-
-    from learner.config import ConfigError, HIDDEN, from_overrides, leaves
+    from learner.config import ConfigError, HIDDEN, from_overrides, leaves, load_yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ReportError(f"{run_dir} has no config.yaml: is it a run directory of python -m learner.main?")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ReportError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from err
-    if not isinstance(tree, dict):
-        raise ReportError(f"{path} must hold a mapping of sections")
+        saved = load_yaml(path)
+    except ConfigError as err:
+        raise ReportError(str(err).replace("--config: ", "")) from err
     known = leaves()
     flat = {}
-    for name, value in _flatten(tree).items():
+    for name, value in saved.items():
         if name in HIDDEN:
             continue  # rollout.seed is the run's seed (run.seed), set by the driver
         if name not in known:

@@ -138,12 +138,14 @@ class PPOLearner:
             g = PaddedBatch(batch.input_ids[rows, a:b], batch.attention_mask[rows, a:b],
                             batch.position_ids[rows, a:b], batch.mask[rows, a:b - 1])
             ids = g.input_ids.to(self.device)
-            hidden = body(input_ids=ids, attention_mask=g.attention_mask.to(self.device),
-                          position_ids=g.position_ids.to(self.device), use_cache=False).last_hidden_state
             sel = g.mask.to(self.device).bool()  # (b, L-1)
-            logits = head(hidden[:, :-1][sel]).float()  # (N, V): response positions only
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                hidden = body(input_ids=ids, attention_mask=g.attention_mask.to(self.device),
+                              position_ids=g.position_ids.to(self.device), use_cache=False).last_hidden_state
+                logits = head(hidden[:, :-1][sel]).float()  # (N, V): response positions only
+                values = self.model.v_head(hidden)[:, :-1].float() if with_values else None
             logp = _scatter(ppo.logprobs_from_logits(logits, ids[:, 1:][sel]), sel, a, width)
-            values = _place(self.model.v_head(hidden)[:, :-1], a, width) if with_values else None
+            values = _place(values, a, width) if with_values else None
             entropy = _scatter(ppo.entropy_from_logits(logits), sel, a, width) if with_entropy else None
             parts.append(TokenOutputs(logp, values, entropy))
         inverse = torch.argsort(order).to(self.device)
