@@ -156,7 +156,8 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
     learner = ray.remote(PPOLearner).options(
         name="learner", num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus, scheduling_strategy=at(0),
     ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads)
-    reward_settings = replace(cfg.reward, torch_threads=t)
+    # The reward actor scores while rollout actors wait for it: it may use every core.
+    reward_settings = replace(cfg.reward, torch_threads=learner_threads)
     rewards = [
         ray.remote(RewardServer).options(
             name=f"rewards-{i}", num_cpus=0, num_gpus=roles.reward_gpus, max_concurrency=64,

@@ -144,9 +144,15 @@ class PPOLearner:
                               position_ids=g.position_ids.to(self.device), use_cache=False).last_hidden_state
                 logits = head(hidden[:, :-1][sel]).float()  # (N, V): response positions only
                 values = self.model.v_head(hidden)[:, :-1].float() if with_values else None
-            logp = _scatter(ppo.logprobs_from_logits(logits, ids[:, 1:][sel]), sel, a, width)
+            # One log-softmax over (N, V) serves the log-probs and, without grad (it is only a
+            # statistic), the entropy -sum(p * log p) = logsumexp(l) - sum(softmax(l) * l).
+            logp_all = torch.log_softmax(logits, dim=-1)
+            logp = _scatter(logp_all.gather(-1, ids[:, 1:][sel].unsqueeze(-1)).squeeze(-1), sel, a, width)
             values = _place(values, a, width) if with_values else None
-            entropy = _scatter(ppo.entropy_from_logits(logits), sel, a, width) if with_entropy else None
+            entropy = None
+            if with_entropy:
+                with torch.no_grad():
+                    entropy = _scatter(-(logp_all.exp() * logp_all).sum(-1), sel, a, width)
             parts.append(TokenOutputs(logp, values, entropy))
         inverse = torch.argsort(order).to(self.device)
         cat = lambda xs: None if xs[0] is None else torch.cat(xs)[inverse]  # noqa: E731
