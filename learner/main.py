@@ -447,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, PlacementError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # a remote failure nobody anticipated: one line, not Ray's traceback wall
+        import ray
+
+        if not isinstance(err, ray.exceptions.RayError):
+            raise
+        print(f"error: {_root_cause(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: continue with --resume RUN_DIR from the last checkpoint", file=sys.stderr)
         return 130
