@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from test_cluster import NODES, START_TIMEOUT_S, LocalCluster  # noqa: E402
+from test_cluster import NODES, LocalCluster, started_cluster  # noqa: E402
 
 
 def run(cluster: LocalCluster, workers: int, steps: int, out: Path) -> dict:
@@ -49,29 +46,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="rays-", dir="/tmp"))
-    token = secrets.token_hex(32)
-    (root / "auth_token").write_text(token)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(root / "auth_token"), RAY_USAGE_STATS_ENABLED="0",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    cluster = LocalCluster(root=root, env=env, token=token)
     rows = []
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        cluster.start_node("node-head", head=True)
-        cluster.wait_for_nodes(1, deadline)
-        for i in range(1, NODES):
-            cluster.start_node(f"node-w{i}", head=False)
-        cluster.wait_for_nodes(NODES, deadline)
+    with started_cluster("rays-") as cluster:
         for n in args.workers:
-            rows.append(run(cluster, n, args.steps, root / "runs"))
+            rows.append(run(cluster, n, args.steps, cluster.root / "runs"))
             r = rows[-1]
             print(f"{n} rollout actors on {r['nodes']} nodes: {r['samples_per_second']:.1f} samples/s  "
                   f"step {r['step']:.2f}s = broadcast {r['broadcast']:.2f} + rollout {r['rollout']:.2f} "
                   f"(generate {r['generate']:.2f}, score {r['score']:.2f}) + update {r['update']:.2f}", flush=True)
-    finally:
-        cluster.teardown()
     if args.markdown:
         lines = [f"{NODES} Ray nodes on one machine ({os.cpu_count()} cores), stand-in settings, batch 128, "
                  f"SPREAD; means over steps 2..{args.steps}", "",

@@ -33,6 +33,7 @@ dir (all of the test cluster's processes inherit ``RAY_AUTH_TOKEN_PATH``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -304,10 +305,12 @@ def _pids_naming(text: str) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def local_cluster():
+@contextlib.contextmanager
+def started_cluster(prefix: str = "rayc-") -> typing.Iterator[LocalCluster]:
+    """NODES token-protected Ray nodes on 127.0.0.1, torn down on exit (also used by
+    benchmarks/scaling.py)."""
     # A short path: Ray puts Unix sockets under the temp dir and their paths are limited to 107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="rayc-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     token = secrets.token_hex(32)
     token_file = root / "auth_token"
     token_file.write_text(token)
@@ -326,6 +329,12 @@ def local_cluster():
         yield cluster
     finally:
         cluster.teardown()
+
+
+@pytest.fixture
+def local_cluster():
+    with started_cluster() as cluster:
+        yield cluster
 
 
 @pytest.mark.e2e
