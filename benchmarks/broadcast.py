@@ -43,6 +43,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from actors import collective  # noqa: E402
+from benchmarks.compare import cpu_model  # noqa: E402
 from actors.rollout import RolloutSettings, RolloutWorker, tied_duplicates  # noqa: E402
 
 SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared")).resolve()
@@ -90,14 +91,7 @@ class Sender:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (f"{os.cpu_count()} CPUs ({cpu}); GPUs: {', '.join(gpus) if gpus else 'none'}; load avg {load}; "

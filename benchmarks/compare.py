@@ -81,15 +81,19 @@ class RunResult:
         return statistics.fmean(r["env/reward_mean"] for r in self.rows[-5:])
 
 
-def machine() -> dict[str, Any]:
-    cpu = ""
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else platform's guess)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    cpu = cpu_model()
     import torch
 
     try:
@@ -102,7 +106,7 @@ def machine() -> dict[str, Any]:
         ray_version = ray.__version__
     except ImportError:
         ray_version = "?"
-    return {"cores": os.cpu_count(), "cpu": cpu or platform.processor() or "unknown",
+    return {"cores": os.cpu_count(), "cpu": cpu,
             "torch": torch.__version__, "transformers": tf, "ray": ray_version,
             "python": platform.python_version(), "platform": platform.platform()}
 

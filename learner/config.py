@@ -207,13 +207,13 @@ def _positive(cfg: Config, names: list[str]) -> None:
             raise ConfigError(f"{name} ({get_path(cfg, name)}) must be positive")
 
 
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
     # Hub ids are 'name' or 'org/name'; anything else is a path the user meant.
     return value.startswith((".", "/", "~")) or value.count("/") > 1 or os.path.exists(value)
 
 
 def _check_local(name: str, value: str) -> None:
-    if _looks_local(value) and not Path(value).expanduser().exists():
+    if looks_local(value) and not Path(value).expanduser().exists():
         raise ConfigError(f"{name}: '{value}' does not exist; pass an existing local folder or a hub id")
 
 
@@ -222,7 +222,7 @@ def resolve_local_paths(cfg: Config) -> Config:
     copied working directory, and actors on other nodes have another one."""
     for name in ("rollout.policy", "reward.model", "data.dataset", "run.out_dir"):
         value = get_path(cfg, name)
-        if name == "run.out_dir" or _looks_local(value):
+        if name == "run.out_dir" or looks_local(value):
             set_path(cfg, name, str(Path(value).expanduser().resolve()))
     return cfg
 

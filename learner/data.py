@@ -98,6 +98,6 @@ class PromptStream:
         return [row[:k] for row, k in zip(ids, lengths)]
 
     def load_state(self, state: DataState) -> None:
-        if state.epoch != self.state.epoch or not hasattr(self, "_order"):
+        if state.epoch != self.state.epoch:
             self._order = self._permutation(state.epoch)
         self.state = DataState(state.epoch, state.position)

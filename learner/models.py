@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from learner.config import looks_local
+
 log = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -62,8 +64,7 @@ def load_pretrained(cls, name_or_path: str, what: str, **kwargs):
     user who meant a local folder wants to hear that instead.
     """
     path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not path.is_dir():
+    if looks_local(name_or_path) and not path.is_dir():
         raise ModelLoadError(f"{what} '{name_or_path}' does not exist: pass an existing save_pretrained folder")
     try:
         return cls.from_pretrained(str(path) if path.is_dir() else name_or_path, **kwargs)
