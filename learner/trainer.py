@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +66,21 @@ class TokenOutputs:
     values: torch.Tensor | None       # value head at each position
     entropy: torch.Tensor | None      # entropy of the next-token distribution; 0 off the mask
 
+    def rows(self, idx: torch.Tensor) -> "TokenOutputs":
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return TokenOutputs(self.logp[idx], pick(self.values), pick(self.entropy))
+
+
+RowOrder = Callable[[int], Sequence[int]]
+"""Gives one epoch's row order for a batch of n rows. The reference draws
+``np.random.permutation(n)`` each epoch; the golden test passes the orders it recorded."""
+
+
+def minibatches(order: Sequence[int], mini_batch_size: int) -> list[torch.Tensor]:
+    """One epoch's minibatches: consecutive slices of ``order``, as the reference takes them."""
+    order = torch.as_tensor(np.asarray(order), dtype=torch.long)
+    return list(torch.split(order, mini_batch_size))
+
 
 def _scatter(flat: torch.Tensor, sel: torch.Tensor, start: int, width: int) -> torch.Tensor:
     """Values for the True entries of ``sel`` (b, w) into a zero (b, width) tensor whose
@@ -95,7 +111,7 @@ class PPOLearner:
     """Holds the policy + value head, the frozen reference, Adam and the KL controller."""
 
     def __init__(self, policy: str, ppo_cfg: PPOConfig, seed: int = 0, device: str = "auto",
-                 torch_threads: int = 0) -> None:
+                 torch_threads: int = 0, row_order: RowOrder | None = None) -> None:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
@@ -108,6 +124,7 @@ class PPOLearner:
         self.kl_ctl = (ppo.AdaptiveKLController(ppo_cfg.init_kl_coef, ppo_cfg.target, ppo_cfg.horizon)
                        if ppo_cfg.adap_kl_ctrl else ppo.FixedKLController(ppo_cfg.init_kl_coef))
         self.rng = np.random.default_rng(seed)
+        self.row_order: RowOrder = row_order or self.rng.permutation  # checkpoints save self.rng's state
         self.version = 0  # bumped after every optimizer step sequence; rollouts report which they used
         self.pad_id = self.tokenizer.eos_token_id
         self.padding_side = "right"
@@ -159,6 +176,20 @@ class PPOLearner:
         return TokenOutputs(cat([p.logp for p in parts]), cat([p.values for p in parts]),
                             cat([p.entropy for p in parts]))
 
+    def _rollout_pass(self, batch: PaddedBatch) -> tuple[TokenOutputs, TokenOutputs | None]:
+        """Old log-probs and values (detached) at the rollout weights, and the with-grad outputs
+        the first minibatch may reuse, or None.
+
+        With one minibatch per epoch (the recipe) the first minibatch is the whole batch under
+        these same weights, so the reference computes the same forward pass twice; here it runs
+        once, with grad, and serves both. Otherwise the pass runs without grad.
+        """
+        if self.cfg.mini_batch_size == self.cfg.batch_size:
+            out = self._forward(self.model, batch, with_values=True, with_entropy=True)
+            return TokenOutputs(out.logp.detach(), out.values.detach(), None), out
+        with torch.no_grad():
+            return self._forward(self.model, batch, with_values=True), None
+
     # ------------------------------------------------------------------ the PPO step
 
     def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
@@ -183,19 +214,11 @@ class PPOLearner:
         batch = pad_batch(queries, responses, self.pad_id, self.padding_side)
         mask = batch.mask.to(self.device)
 
-        # 1. forward passes (eval mode: dropout off). With one minibatch per epoch the first
-        # minibatch's forward pass sees exactly the weights of the rollout pass, so it is
-        # computed once, with grad, and its detached outputs are logp_old and V_old.
+        # 1. forward passes (eval mode: dropout off): reference log-probs, old log-probs, old values
         with torch.no_grad():
             logp_ref = self._forward(self.ref_model, batch, with_values=False).logp
-        first = None
-        if cfg.mini_batch_size == cfg.batch_size:
-            first = self._forward(self.model, batch, with_values=True, with_entropy=True)
-            logp_old, v_old = first.logp.detach(), first.values.detach()
-        else:
-            with torch.no_grad():
-                out = self._forward(self.model, batch, with_values=True)
-            logp_old, v_old = out.logp, out.values
+        old, reusable = self._rollout_pass(batch)
+        logp_old, v_old = old.logp, old.values
         if behaviour_logprobs is not None:
             flat = torch.tensor([lp for row in behaviour_logprobs for lp in row], device=self.device)
             logp_old = _scatter(flat, mask.bool(), 0, mask.shape[1])
@@ -203,20 +226,17 @@ class PPOLearner:
             _check_finite(what, t[mask.bool()], intact=True)
         beta = float(self.kl_ctl.value)
         # 3. per-token rewards;  4. GAE + whitening
-        rewards, non_score, kl = ppo.kl_rewards(logp_old, logp_ref, scores_t.to(self.device), mask, beta)
+        rewards, non_score, _ = ppo.kl_rewards(logp_old, logp_ref, scores_t.to(self.device), mask, beta)
         values, advantages, returns = ppo.gae_advantages(v_old, rewards, mask, cfg.gamma, cfg.lam)
         timing["time/learner/forward"] = time.perf_counter() - t0
 
-        # 5. epochs of minibatch updates
+        # 5. epochs of minibatch updates, rows in the order self.row_order gives each epoch
         t1 = time.perf_counter()
         mb_stats: list[dict[str, torch.Tensor]] = []
         for _ in range(cfg.ppo_epochs):
-            perm = torch.from_numpy(self.rng.permutation(cfg.batch_size))
-            for start in range(0, cfg.batch_size, cfg.mini_batch_size):
-                if first is not None:  # the whole batch: row order does not change a token-level mean
-                    idx, reuse, first = torch.arange(cfg.batch_size), first, None
-                else:
-                    idx, reuse = perm[start:start + cfg.mini_batch_size], None
+            for idx in minibatches(self.row_order(cfg.batch_size), cfg.mini_batch_size):
+                # Only the very first minibatch runs under the rollout weights; afterwards Adam has stepped.
+                reuse, reusable = (reusable.rows(idx) if reusable is not None else None), None
                 mb_stats.append(self._train_minibatch(batch.rows(idx), logp_old[idx], values[idx], advantages[idx],
                                                       returns[idx], intact=not mb_stats, outputs=reuse))
         self.version += 1
