@@ -140,6 +140,8 @@ class RunConfig:
     """a run directory or checkpoint to continue; its config.yaml is the base, flags still win"""
     report_queries: int = 16
     """held-out queries in the before/after table made at the end (0: no figure or table)"""
+    trackers: str = "jsonl"
+    """where each step's statistics go, comma-separated: jsonl (always), tensorboard, wandb"""
     test_nan_reward_step: int = -1
     """TEST ONLY: make one reward NaN at this step, to exercise the non-finite stop"""
 

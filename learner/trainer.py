@@ -20,7 +20,7 @@ import torch
 from actors import collective
 from learner import ppo
 from learner.config import PPOConfig
-from learner.models import PolicyWithValueHead, lm_weights, load_policy, load_tokenizer, save_policy
+from learner.models import lm_weights, load_policy, load_tokenizer, save_policy
 
 log = logging.getLogger(__name__)
 
