@@ -99,7 +99,7 @@ def resolve_roles(cfg: Config) -> Roles:
 
 
 def reserve(cfg: Config, roles: Roles) -> PlacementGroup:
-    """One placement group for the whole run; RunError if it is not granted in time."""
+    """One placement group for the whole run; PlacementError if it is not granted in time."""
     bundles = roles.bundles(cfg)
     pg = placement_group(bundles, strategy=cfg.cluster.placement_strategy, name="ppo-run")
     try:
@@ -145,17 +145,23 @@ def threads(cfg: Config) -> tuple[int, int]:
     return cores, max(1, cores // cfg.cluster.num_rollout_workers)
 
 
+def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup) -> Any:
+    """The learner actor in bundle 0, reserving the bundle's CPUs. Ray does not restart it (its
+    state lives in memory): the driver starts a new one here and loads the last checkpoint."""
+    return ray.remote(PPOLearner).options(
+        name="learner", num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+    ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=threads(cfg)[0])
+
+
 def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
     """Named actors in the run's bundles: 'learner', 'rewards-<i>', 'rollout-<i>'."""
     n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
     at = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
     learner_threads, t = threads(cfg)
-    # The learner keeps its state in memory: it is not restarted (resume from a checkpoint).
-    # The learner reserves its bundle's CPUs; rollout and reward actors mostly wait on each
-    # other and on the learner, so their bundles hold the CPU and the actors ask for none.
-    learner = ray.remote(PPOLearner).options(
-        name="learner", num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus, scheduling_strategy=at(0),
-    ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads)
+    # Rollout and reward actors mostly wait on each other and on the learner, so their
+    # bundles hold the CPU and the actors ask for none.
+    learner = spawn_learner(cfg, roles, pg)
     # The reward actor scores while rollout actors wait for it: it may use every core.
     reward_settings = replace(cfg.reward, torch_threads=learner_threads)
     rewards = [
