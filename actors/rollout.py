@@ -94,6 +94,8 @@ class Rollout:
     """Wall time of padding, generate, cutting and decoding."""
     score_seconds: float
     """Wall time of scoring (0.0 until scored)."""
+    weight_fingerprint: list[float] | None = None
+    """actors.fingerprint of the weights that generated these: the driver checks it against the learner's."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -247,6 +249,12 @@ class RolloutWorker:
         logger.debug("loaded weights version %d", version)
         return self._weight_version
 
+    def weight_fingerprint(self) -> list[float]:
+        """The fingerprint (actors.fingerprint) of the weights this worker holds now."""
+        from actors.fingerprint import fingerprint
+
+        return fingerprint(t for name, t in self.model.state_dict().items() if name not in self._tied)
+
     def get_weights(self) -> dict[str, np.ndarray]:
         """The policy's state_dict as numpy copies, tied duplicates omitted."""
         return {name: tensor.detach().cpu().clone().numpy()
@@ -317,7 +325,8 @@ class RolloutWorker:
                                             skip_special_tokens=True)
         return Rollout(queries=queries, responses=responses, texts=texts,
                        logprobs=[lp[:k] for lp, k in zip(new_logprobs, keep)], scores=None,
-                       weight_version=self._weight_version, step=step, shard=shard,
+                       weight_version=self._weight_version, weight_fingerprint=self.weight_fingerprint(),
+                       step=step, shard=shard,
                        generate_seconds=time.perf_counter() - start, score_seconds=0.0)
 
     def rollout(self, queries: list[list[int]], step: int, shard: int, timeout_s: float = 300.0) -> Rollout:
