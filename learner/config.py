@@ -11,24 +11,49 @@ only its section.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import difflib
+import io
+import logging
+import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Sequence
 
+import tyro
 import yaml
 
 from actors.rollout import RolloutSettings
 from rewards.scorer import RewardSettings
 
 
+log = logging.getLogger(__name__)
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and says how to fix it."""
+
+
+# Range rules for a section's numbers: (test, what the message says it must be).
+POSITIVE = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+UNIT = (lambda v: 0 <= v <= 1, "must lie in [0, 1]")
+GPUS = (lambda v: v == -1 or 0 <= v, "must be >= 0, or -1 for the default placement")
+
+
+def check_ranges(section: str, obj: Any, rules: dict[str, tuple]) -> None:
+    """ConfigError naming the first field of ``obj`` that breaks its rule."""
+    for name, (ok, must) in rules.items():
+        value = getattr(obj, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{name} ({value}) must be a finite number")
+        if not ok(value):
+            raise ConfigError(f"{section}.{name} ({value}) {must}")
 
 
 @dataclass
@@ -45,6 +70,12 @@ class DataConfig:
     """a query is the first k policy tokens of a review, k uniform in [min, max], drawn once per review"""
     query_max_tokens: int = 7
     """see query_min_tokens"""
+
+    def __post_init__(self) -> None:
+        check_ranges("data", self, {"min_review_chars": NON_NEGATIVE, "query_min_tokens": POSITIVE})
+        if self.query_min_tokens > self.query_max_tokens:
+            raise ConfigError(f"data.query_min_tokens ({self.query_min_tokens}) exceeds data.query_max_tokens "
+                              f"({self.query_max_tokens})")
 
 
 @dataclass
@@ -90,6 +121,21 @@ class PPOConfig:
     """the learner runs each forward pass on this many groups of rows of similar length, each padded
     only to its own longest row (1: one batch padded to the longest row, as the reference)"""
 
+    def __post_init__(self) -> None:
+        check_ranges("ppo", self, {
+            "learning_rate": POSITIVE, "batch_size": POSITIVE, "mini_batch_size": POSITIVE, "ppo_epochs": POSITIVE,
+            "gamma": UNIT, "lam": UNIT, "cliprange": POSITIVE, "cliprange_value": POSITIVE, "vf_coef": NON_NEGATIVE,
+            "ratio_threshold": POSITIVE, "init_kl_coef": NON_NEGATIVE, "target": POSITIVE, "horizon": POSITIVE,
+            "length_buckets": POSITIVE})
+        if self.batch_size % self.mini_batch_size:
+            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
+                              f"({self.mini_batch_size})")
+        if self.kl_penalty != "kl":
+            raise ConfigError(f"ppo.kl_penalty '{self.kl_penalty}' is not supported: only 'kl' (logp - logp_ref) "
+                              "is defined by the reference step")
+        if self.max_lag not in (0, 1):
+            raise ConfigError(f"ppo.max_lag ({self.max_lag}) must be 0 or 1")
+
 
 @dataclass
 class ClusterConfig:
@@ -100,15 +146,18 @@ class ClusterConfig:
     num_reward_workers: int = 1
     """reward actor replicas; rollout actor i sends to replica i % n"""
     rollout_gpus: float = -1.0
-    """GPUs per rollout actor (-1: 1 if the cluster has GPUs, else 0)"""
+    """GPUs per rollout actor (-1: placed to fit the cluster, see learner_gpus)"""
     reward_gpus: float = -1.0
-    """GPUs per reward actor (-1: 1 if the cluster has GPUs, else 0)"""
+    """GPUs per reward actor (-1: placed to fit the cluster, see learner_gpus)"""
     learner_gpus: float = -1.0
-    """GPUs for the learner actor (-1: 1 if the cluster has GPUs, else 0)"""
+    """GPUs for the learner actor. -1 fits the cluster: no GPU, every role on CPU; one node with one GPU,
+    every role gets a share of it; one node with several, the learner gets one and the rest are shared out
+    among rollout and reward actors; several nodes with GPUs, one GPU per role. A value >= 0 wins"""
     learner_cpus: float = 1.0
     """CPUs reserved for the learner actor (it does the heavy CPU work when there is no GPU)"""
     torch_threads: int = 0
-    """torch threads per actor (0: the learner uses all cores, rollout and reward actors cores / num_rollout_workers)"""
+    """torch threads of the learner and the reward actors (0: every core of the node: they compute one at a
+    time); rollout actors have their own, rollout.torch_threads"""
     weight_broadcast: str = "object_store"
     """how weights reach the rollout actors: object_store (put once, read by every node) or
     collective (torch.distributed broadcast from the learner: NCCL when every member has a GPU, else gloo)"""
@@ -120,6 +169,17 @@ class ClusterConfig:
     """longest wait for any one remote call before the run stops with an error"""
     max_failures: int = 3
     """rollout/reward actor failures (restarted by Ray, their work redone) before the run stops"""
+
+    def __post_init__(self) -> None:
+        check_ranges("cluster", self, {
+            "num_rollout_workers": POSITIVE, "num_reward_workers": POSITIVE, "rollout_gpus": GPUS,
+            "reward_gpus": GPUS, "learner_gpus": GPUS, "learner_cpus": NON_NEGATIVE, "torch_threads": NON_NEGATIVE,
+            "placement_timeout_s": POSITIVE, "call_timeout_s": POSITIVE, "max_failures": NON_NEGATIVE})
+        if self.weight_broadcast not in ("object_store", "collective"):
+            raise ConfigError(f"cluster.weight_broadcast '{self.weight_broadcast}' must be object_store or collective")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"cluster.placement_strategy '{self.placement_strategy}' must be one of PACK, SPREAD, "
+                              "STRICT_PACK, STRICT_SPREAD")
 
 
 @dataclass
@@ -142,6 +202,10 @@ class RunConfig:
     """held-out queries in the before/after table made at the end (0: no figure or table)"""
     trackers: str = "jsonl"
     """where each step's statistics go, comma-separated: jsonl (always), tensorboard, wandb"""
+
+    def __post_init__(self) -> None:
+        check_ranges("run", self, {"steps": NON_NEGATIVE, "checkpoint_every": NON_NEGATIVE,
+                                   "keep_checkpoints": POSITIVE, "report_queries": NON_NEGATIVE})
     test_nan_reward_step: int = -1
     """TEST ONLY: make one reward NaN at this step, to exercise the non-finite stop"""
 
@@ -161,52 +225,32 @@ class Config:
         return self.rollout.policy
 
     def validate(self) -> "Config":
-        """Check every setting once; raise ConfigError naming the first one that cannot work."""
-        p, d, r, c = self.ppo, self.data, self.rollout, self.cluster
-        _positive(self, ["ppo.batch_size", "ppo.mini_batch_size", "ppo.ppo_epochs", "ppo.learning_rate",
-                         "data.query_min_tokens", "rollout.response_min_tokens", "cluster.num_rollout_workers",
-                         "cluster.num_reward_workers", "ppo.length_buckets", "cluster.placement_timeout_s", "cluster.call_timeout_s",
-                         "reward.max_batch_size"])
-        if p.batch_size % p.mini_batch_size:
-            raise ConfigError(f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.mini_batch_size "
-                              f"({p.mini_batch_size})")
-        if p.mini_batch_size > p.batch_size:
-            raise ConfigError(f"ppo.mini_batch_size ({p.mini_batch_size}) exceeds ppo.batch_size ({p.batch_size})")
+        """Check every setting once; raise ConfigError naming the first one that cannot work.
+
+        Each section is rebuilt through its own dataclass, so its checks (``__post_init__``) run
+        however its values were set; then every number must be finite; then the checks that
+        span sections."""
+        for section in dataclasses.fields(self):
+            try:
+                setattr(self, section.name, dataclasses.replace(getattr(self, section.name)))
+            except ConfigError:
+                raise
+            except ValueError as err:  # the actor sections' own checks
+                raise ConfigError(f"{section.name}: {err}") from None
+        for name, (typ, _) in leaves().items():
+            value = get_path(self, name)
+            if typ is float and not math.isfinite(value):
+                raise ConfigError(f"{name} ({value}) must be a finite number")
+        p, c = self.ppo, self.cluster
         if c.num_rollout_workers > p.batch_size:
             raise ConfigError(f"cluster.num_rollout_workers ({c.num_rollout_workers}) exceeds ppo.batch_size "
                               f"({p.batch_size}): each rollout actor needs at least one query per step")
-        if d.query_min_tokens > d.query_max_tokens:
-            raise ConfigError(f"data.query_min_tokens ({d.query_min_tokens}) exceeds data.query_max_tokens "
-                              f"({d.query_max_tokens})")
-        if r.response_min_tokens > r.response_max_tokens:
-            raise ConfigError(f"rollout.response_min_tokens ({r.response_min_tokens}) exceeds "
-                              f"rollout.response_max_tokens ({r.response_max_tokens})")
-        if p.kl_penalty != "kl":
-            raise ConfigError(f"ppo.kl_penalty '{p.kl_penalty}' is not supported: only 'kl' (logp - logp_ref) "
-                              "is defined by the reference step")
-        if p.max_lag not in (0, 1):
-            raise ConfigError(f"ppo.max_lag ({p.max_lag}) must be 0 or 1")
-        if not 0 <= p.lam <= 1 or not 0 <= p.gamma <= 1:
-            raise ConfigError("ppo.gamma and ppo.lam must lie in [0, 1]")
-        if c.weight_broadcast not in ("object_store", "collective"):
-            raise ConfigError(f"cluster.weight_broadcast '{c.weight_broadcast}' must be object_store or collective")
-        if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ConfigError(f"cluster.placement_strategy '{c.placement_strategy}' must be one of PACK, SPREAD, "
-                              "STRICT_PACK, STRICT_SPREAD")
-        if self.run.steps < 0:
-            raise ConfigError(f"run.steps ({self.run.steps}) must be >= 0 (0: one pass over the data)")
         for name in ("rollout.policy", "reward.model", "data.dataset"):
             _check_local(name, get_path(self, name))
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _positive(cfg: Config, names: list[str]) -> None:
-    for name in names:
-        if get_path(cfg, name) <= 0:
-            raise ConfigError(f"{name} ({get_path(cfg, name)}) must be positive")
 
 
 def looks_local(value: str) -> bool:
@@ -229,8 +273,9 @@ def resolve_local_paths(cfg: Config) -> Config:
     return cfg
 
 
-# ----------------------------------------------------------------------------- parsing
+# ----------------------------------------------------------------------------- command line
 
+# Short names for what everybody sets; each stands for one dotted setting.
 ALIASES = {
     "policy": "rollout.policy",
     "reward-model": "reward.model",
@@ -245,47 +290,107 @@ ALIASES = {
     "resume": "run.resume",
 }
 
-# Set by the driver, not by users: the rollout seed is the run's seed.
-HIDDEN = {"rollout.seed"}
+# What a resumed run cannot change: the models, the data stream and the batch shape fix what
+# the checkpoint holds (weights, Adam's moments, the data position, the sampling seeds).
+FROZEN_ON_RESUME = ("rollout.policy", "reward.model", "reward.positive_label", "data.dataset", "data.split",
+                    "data.text_column", "data.min_review_chars", "data.query_min_tokens", "data.query_max_tokens",
+                    "ppo.batch_size", "ppo.mini_batch_size", "run.seed", "cluster.num_rollout_workers")
 
 
-def leaves(cls: type = Config, prefix: str = "") -> dict[str, tuple[type, Any, str]]:
-    """Every leaf setting: dotted name -> (type, default, help)."""
-    out: dict[str, tuple[type, Any, str]] = {}
+@dataclass
+class CommandLine:
+    """PPO fine-tuning of GPT-2 on IMDB with a sentiment reward, on Ray.
+
+    Every setting is a flag named by its place in the config tree. A YAML file (--config)
+    may hold any of them, nested the same way; flags win over it. With --resume RUN_DIR the
+    run's saved config is the base. Short aliases: --policy, --reward-model, --dataset,
+    --steps, --seed, --address, --num-rollout-workers, --out-dir, --learning-rate,
+    --batch-size, --resume."""
+
+    config: str = ""
+    """YAML file of settings, nested like the flags; flags win over it"""
+    settings: Annotated[Config, tyro.conf.arg(name="")] = field(default_factory=Config)
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner.main") -> Config:
+    """Defaults <- a resumed run's saved config <- the YAML file <- flags, validated.
+
+    tyro builds the command line (and ``--help``) from the dataclasses; every error it or the
+    checks find is one ConfigError line.
+    """
+    args = [_expand_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
+    base: dict[str, Any] = {}
+    resume = _flag_value(args, "run.resume")
+    if resume:
+        base.update(saved_settings(_resumable_config(resume)))
+    config_file = _flag_value(args, "config")
+    if config_file:
+        base.update(load_yaml(config_file))
+    default = CommandLine(config_file or "", from_overrides(base, validate=False))
+    cli, unknown = _tyro(args, default, prog)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), list(leaves()) + list(ALIASES))
+    cfg = cli.settings
+    if resume:
+        _check_resumable_changes(cfg, base, resume)
+    return cfg.validate()
+
+
+def _tyro(args: list[str], default: CommandLine, prog: str) -> tuple[CommandLine, list[str]]:
+    """tyro's parse; its error panel becomes one ConfigError line (--help prints as usual)."""
+    if any(a in ("-h", "--help") for a in args):
+        return tyro.cli(CommandLine, args=args, default=default, prog=prog, use_underscores=True,
+                        return_unknown_args=True, config=(tyro.conf.FlagConversionOff,))
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            return tyro.cli(CommandLine, args=args, default=default, prog=prog, use_underscores=True,
+                            return_unknown_args=True, config=(tyro.conf.FlagConversionOff,))
+    except SystemExit:
+        raise ConfigError(_panel_message(out.getvalue()) or f"bad command line (see {prog} --help)") from None
+    except ValueError as err:  # a section's own check (__post_init__), raised while tyro builds it
+        raise ConfigError(str(err)) from None
+
+
+def _panel_message(text: str) -> str:
+    """The message of tyro's error panel: the lines between its first two rules, joined."""
+    lines = [ln.strip(" │╭╮╰╯") for ln in text.splitlines()]
+    rules = [i for i, ln in enumerate(lines) if ln and set(ln) <= set("-─")]
+    body = lines[rules[0] + 1:rules[1]] if len(rules) >= 2 else lines
+    message = " ".join(ln for ln in body if ln).removeprefix("Error parsing ")
+    # A section's own check comes as "settings.ppo: ppo.cliprange ..."; say it once.
+    return re.sub(r"^settings\.(\w+): (?=\1\.)", "", message).removeprefix("settings.")
+
+
+def _expand_alias(arg: str) -> str:
+    key, sep, value = arg.partition("=")
+    name = ALIASES.get(key[2:]) if key.startswith("--") else None
+    return f"--{name}{sep}{value}" if name else arg
+
+
+def _flag_value(args: list[str], name: str) -> str | None:
+    """The value given to --name (either spelling of its underscores), last one winning."""
+    found = None
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, arg in enumerate(args):
+        key, sep, value = arg.partition("=")
+        if key in spellings:
+            found = value if sep else (args[i + 1] if i + 1 < len(args) else None)
+    return found
+
+
+def leaves(cls: type = Config, prefix: str = "") -> dict[str, tuple[type, Any]]:
+    """Every leaf setting: dotted name -> (type, default)."""
+    out: dict[str, tuple[type, Any]] = {}
     hints = typing.get_type_hints(cls)
-    docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
-        typ = hints[f.name]
+        name, typ = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(typ):
             out.update(leaves(typ, name + "."))
-        elif name not in HIDDEN:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out[name] = (typ, default, docs.get(f.name, ""))
+        else:
+            out[name] = (typ, f.default if f.default is not dataclasses.MISSING else f.default_factory())
     return out
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Docstrings under fields (cleanrl style), or trailing comments, become --help."""
-    import inspect
-
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    for i, line in enumerate(lines):
-        stripped = line.strip()
-        if ":" not in stripped or stripped.startswith(("#", '"', "def ", "class ", "@")):
-            continue
-        fname = stripped.split(":", 1)[0].strip()
-        if not fname.isidentifier():
-            continue
-        if "#" in stripped:
-            docs[fname] = stripped.split("#", 1)[1].strip()
-        if i + 1 < len(lines) and lines[i + 1].strip().startswith('"""'):
-            docs[fname] = lines[i + 1].strip().strip('"').strip()
-    return docs
 
 
 def get_path(cfg: Any, dotted: str) -> Any:
@@ -302,33 +407,19 @@ def set_path(cfg: Any, dotted: str, value: Any) -> None:
 
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:
-    """A YAML or CLI value as the field's type, or a ConfigError naming the setting."""
-    base = typ
-    if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None:
-            return None
-        base = args[0]
+    """A YAML value as the field's type, or a ConfigError naming the setting."""
     try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if base is float:
+        if typ is bool and isinstance(value, bool) or typ is str and isinstance(value, str):
+            return value
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if base is str:
-            return str(value)
-    except (TypeError, ValueError):
+        if typ is float and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            return float(value)
+    except ValueError:
         pass
-    raise ConfigError(f"{name}: '{value}' is not a valid {getattr(base, '__name__', base)}")
+    raise ConfigError(f"{name}: {value!r} is not a valid {getattr(typ, '__name__', typ)}")
 
 
 def _unknown(name: str, known: list[str]) -> ConfigError:
@@ -349,6 +440,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A settings file as {dotted name: value}; ConfigError if it is missing or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: '{path}' does not exist")
@@ -361,75 +453,43 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return _flatten(tree)
 
 
-def build_parser(extra: typing.Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m learner.main", allow_abbrev=False,
-        description="PPO fine-tuning of GPT-2 on IMDB with a sentiment reward, on Ray.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML file with settings (nested like the flags); flags win over it")
-    if extra:
-        extra(parser)
-    alias_of = {v: k for k, v in ALIASES.items()}
-    for name, (typ, default, doc) in leaves().items():
-        flags = [f"--{name}"] + ([f"--{alias_of[name]}"] if name in alias_of else [])
-        # Values stay strings here: defaults come from the dataclasses and YAML, and one
-        # coercion path (_coerce) gives every bad value the same one-line error.
-        parser.add_argument(*flags, dest=name, default=None, metavar=getattr(typ, "__name__", "VALUE").upper(),
-                            help=f"{doc} (default: {default})")
-    return parser
-
-
-def _normalise_argv(argv: list[str]) -> list[str]:
-    # --ppo.learning-rate and --ppo.learning_rate both work.
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
-            key, *rest = arg.split("=", 1)
-            arg = key.replace("-", "_").replace("__", "--", 1) + ("=" + rest[0] if rest else "")
-        out.append(arg)
+def saved_settings(path: str | Path) -> dict[str, Any]:
+    """A run directory's config.yaml as overrides. Settings this version does not know (a run
+    of another version) are dropped with a warning rather than refusing the whole run."""
+    known = leaves()
+    out = {}
+    for name, value in load_yaml(path).items():
+        if name in known:
+            out[name] = value
+        else:
+            log.warning("%s: unknown setting '%s' ignored", path, name)
     return out
 
 
-def parse_args(argv: list[str] | None = None,
-               extra: typing.Callable[[argparse.ArgumentParser], None] | None = None
-               ) -> tuple[Config, argparse.Namespace]:
-    """Defaults <- YAML <- flags, validated. Unknown flags and bad values raise ConfigError."""
-    parser = build_parser(extra)
-    known = list(leaves())
-    args, unknown = parser.parse_known_args(_normalise_argv(sys.argv[1:] if argv is None else list(argv)))
-    if unknown:
-        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        raise _unknown(flag.lstrip("-").split("=")[0], [f"{k}" for k in known] + list(ALIASES))
-    overrides: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    for name in known:
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if overrides.get("run.resume"):
-        overrides = resume_overrides(str(overrides["run.resume"]), overrides)
-    cfg = from_overrides(overrides)
-    return cfg, args
-
-
-def resume_overrides(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The resumed run's saved settings, then this command's flags; same run directory."""
+def _resumable_config(path: str) -> Path:
     from learner.checkpoint import find_resumable
 
     run_dir, _, _ = find_resumable(Path(path))
-    # Test-only fault injection is not carried over: it would fire again on the resumed run.
-    saved = {k: v for k, v in load_yaml(run_dir / "config.yaml").items()
-             if k not in HIDDEN and k != "run.test_nan_reward_step"}
-    merged = {**saved, **overrides}
-    merged.update({"run.out_dir": str(run_dir.parent), "run.name": run_dir.name, "run.resume": path})
-    return merged
+    return run_dir / "config.yaml"
 
 
-def from_overrides(overrides: dict[str, Any]) -> Config:
-    """A validated Config from defaults and dotted-name overrides (YAML or flags)."""
+def _check_resumable_changes(cfg: Config, saved: dict[str, Any], resume: str) -> None:
+    """A resumed run continues in its own directory; what the checkpoint fixes cannot change."""
+    run_dir = _resumable_config(resume).parent
+    for name in FROZEN_ON_RESUME:
+        if name in saved and get_path(cfg, name) != _coerce(name, leaves()[name][0], saved[name]):
+            raise ConfigError(f"{name} cannot change on --resume (the run has {saved[name]!r}, asked "
+                              f"{get_path(cfg, name)!r}); start a new run instead")
+    set_path(cfg, "run.out_dir", str(run_dir.parent))
+    set_path(cfg, "run.name", run_dir.name)
+
+
+def from_overrides(overrides: dict[str, Any], validate: bool = True) -> Config:
+    """A Config from the defaults and {dotted name: value} overrides (YAML or a saved run)."""
     cfg = Config()
     table = leaves()
     for name, value in overrides.items():
-        name = ALIASES.get(name.replace("_", "-"), name)
         if name not in table:
             raise _unknown(name, list(table))
         set_path(cfg, name, _coerce(name, table[name][0], value))
-    return cfg.validate()
+    return cfg.validate() if validate else cfg

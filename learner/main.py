@@ -27,22 +27,26 @@ import json
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from actors.rollout import Rollout
 from learner import checkpoint
+from learner.broadcast import Broadcast, Sent, verify
 from learner.config import Config, ConfigError, parse_args, resolve_local_paths
-from learner.rundir import RunDir
 from learner.data import DataState, PromptStream, load_texts
 from learner.models import ModelLoadError, load_pretrained, load_tokenizer
+from learner.recovery import Fleet, LearnerLost, RayCalls, Recovery, RunError, one_line
+from learner.rundir import RunDir
+from learner.trainer import NonFiniteError
 
 log = logging.getLogger("learner.main")
 
-
-class RunError(RuntimeError):
-    """The run cannot go on; the message says why and what to do."""
+Batch = tuple[list[list[int]], list[Rollout]]  # a step's queries and its shards' rollouts
+LOGS = ("stats.jsonl", "rollouts.jsonl")
 
 
 def shard_bounds(batch_size: int, n: int) -> list[tuple[int, int]]:
@@ -70,253 +74,181 @@ def check_models(cfg: Config) -> None:
 
 
 class Driver:
-    """The training loop over the actors; every remote wait is bounded."""
+    """The training loop over the actors. Each step: broadcast, rollout, update, log."""
 
     def __init__(self, cfg: Config, run: RunDir, stream: PromptStream, tokenizer) -> None:
-        import ray
-
         from learner import placement
         from learner.metrics import RunMetrics
 
-        self.ray, self.cfg, self.run, self.stream, self.tokenizer = ray, cfg, run, stream, tokenizer
-        self.roles = placement.resolve_roles(cfg)
-        self.pg = placement.reserve(cfg, self.roles)
-        self.actors = placement.spawn(cfg, self.roles, self.pg)
-        names = ["learner"] + [f"rollout-{i}" for i in range(len(self.actors.rollouts))] + \
-            [f"rewards-{i}" for i in range(len(self.actors.rewards))]
-        pings = self.wait([a.ping.remote() for a in [self.actors.learner, *self.actors.rollouts, *self.actors.rewards]],
-                          "actor start-up")
-        # Where each actor runs (pid, node, device): for users, and for the failure tests.
-        (run.path / "actors.json").write_text(json.dumps(dict(zip(names, pings)), indent=1))
-        self.shards = shard_bounds(cfg.ppo.batch_size, len(self.actors.rollouts))
+        self.cfg, self.run, self.stream, self.tokenizer = cfg, run, stream, tokenizer
+        roles = placement.resolve_roles(cfg)
+        pg = placement.reserve(cfg, roles)
+        actors = placement.spawn(cfg, roles, pg)
+        self.fleet = Fleet(actors.learner, actors.rollouts, actors.rewards)
+        self.recovery = Recovery(self.fleet, RayCalls(), cfg.cluster.call_timeout_s, cfg.cluster.max_failures,
+                                 start_learner=lambda: placement.spawn_learner(cfg, roles, pg))
+        self.recovery.start()
+        self._record_actors()
+        backend = "nccl" if roles.learner_gpus >= 1 and roles.rollout_gpus >= 1 else "gloo"
+        self.weights = Broadcast(self.fleet, self.recovery, cfg.cluster.weight_broadcast == "collective",
+                                 backend, cfg.cluster.call_timeout_s)
+        self.shards = shard_bounds(cfg.ppo.batch_size, len(self.fleet.rollouts))
         self.metrics = RunMetrics(run.path.name)
-        self.collective = cfg.cluster.weight_broadcast == "collective"
-        if self.collective:
-            self._join_group()
-        self.failures = 0
-        self.prefetched: tuple[list[list[int]], list[Any]] | None = None  # ppo.max_lag=1: the next batch
-        self.data_state = DataState(**vars(stream.state))
-
-    # ---------------------------------------------------------------- remote calls
-
-    def wait(self, refs, what: str):
-        """ray.get with a timeout and a one-line message naming what did not answer."""
-        ray = self.ray
-        try:
-            return ray.get(refs, timeout=self.cfg.cluster.call_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RunError(f"{what} did not finish within cluster.call_timeout_s="
-                           f"{self.cfg.cluster.call_timeout_s:g}s") from None
-
-    def _failed(self, what: str, err: BaseException) -> None:
-        self.failures += 1
-        if self.failures > self.cfg.cluster.max_failures:
-            raise RunError(f"{what} failed ({_root_cause(err)}); {self.failures} actor failures exceed "
-                           f"cluster.max_failures={self.cfg.cluster.max_failures}")
-        log.warning("%s failed (%s); redoing its work once Ray has restarted it (%d/%d failures)",
-                    what, _root_cause(err), self.failures, self.cfg.cluster.max_failures)
-        print(f"warning: {what} failed ({_root_cause(err)}); redoing its work", file=sys.stderr, flush=True)
-
-    def _until_alive(self, actor, what: str) -> None:
-        """Wait (bounded) until a restarted actor answers again."""
-        deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
-        while True:
-            try:
-                self.ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                return
-            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):
-                if time.monotonic() > deadline:
-                    raise RunError(f"{what} did not come back within cluster.call_timeout_s") from None
-                time.sleep(0.5)
-            except self.ray.exceptions.GetTimeoutError:
-                raise RunError(f"{what} did not come back within cluster.call_timeout_s") from None
-
-    # ---------------------------------------------------------------- one step
-
-    def broadcast(self) -> tuple[int, Any]:
-        """The learner's weights to every rollout actor: into the object store once, every
-        actor loading that copy, or (cluster.weight_broadcast=collective) one torch.distributed
-        broadcast. Returns (version, the object-store copy or None)."""
-        if self.collective:
-            return self._collective_broadcast(), None
-        version_ref, weights = self.actors.learner.weights.options(num_returns=2).remote()
-        version = self.wait(version_ref, "learner weights")
-        self._gather({i: (lambda w=w: w.load_weights.remote(weights, version))
-                      for i, w in enumerate(self.actors.rollouts)}, "weight broadcast", version, weights)
-        return version, weights
-
-    def rollout(self, queries: list[list[int]], step: int, version: int, weights) -> list[Any]:
-        """Every shard's Rollout, in shard order."""
-        timeout = self.cfg.cluster.call_timeout_s
-        calls = {i: (lambda i=i, a=a, b=b: self.actors.rollouts[i].rollout.remote(queries[a:b], step, i, timeout))
-                 for i, (a, b) in enumerate(self.shards)}
-        return self._gather(calls, "rollout", version, weights)
-
-    def _gather(self, calls: dict[int, Any], what: str, version: int, weights) -> list[Any]:
-        """Run one call per rollout actor; a call whose actor (or, under it, a reward actor)
-        died is made again once Ray has restarted it and it holds the current weights."""
-        ray = self.ray
-        lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-        pending = {make(): i for i, make in calls.items()}
-        results: dict[int, Any] = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.cluster.call_timeout_s)
-            if not done:
-                raise RunError(f"{what} did not finish within cluster.call_timeout_s={self.cfg.cluster.call_timeout_s:g}s")
-            i = pending.pop(done[0])
-            try:
-                results[i] = ray.get(done[0])
-                continue
-            except lost as err:
-                failure = err
-            except ray.exceptions.RayTaskError as err:
-                if not isinstance(err.cause, lost):  # a real error, not a lost actor
-                    raise RunError(f"{what} on rollout-{i} failed: {_root_cause(err)}") from None
-                failure = err
-            self._recover(i, failure, version, weights)
-            pending[calls[i]()] = i
-        return [results[i] for i in sorted(results)]
-
-    # -- the collective path
-
-    def _join_group(self) -> None:
-        """Every member (re)joins one weight group on a fresh port of the learner's node."""
-        c = self.cfg.cluster
-        backend = "nccl" if self.roles.learner_gpus >= 1 and self.roles.rollout_gpus >= 1 else "gloo"
-        timeout = min(c.call_timeout_s, 120.0)
-        members = [self.actors.learner, *self.actors.rollouts]
-        self.wait([m.leave_weight_group.remote() for m in members], "leaving the weight group")
-        addr = self.wait(self.actors.learner.weight_group_address.remote(), "weight group address")
-        world = len(members)
-        self.wait([self.actors.learner.join_weight_group.remote(addr, world, backend, timeout)]
-                  + [w.join_weight_group.remote(addr, i + 1, world, backend, timeout)
-                     for i, w in enumerate(self.actors.rollouts)], f"joining the {backend} weight group")
-
-    def _collective_broadcast(self) -> int:
-        """One broadcast; a lost rollout actor is waited for, the group rebuilt, and it is sent again."""
-        ray = self.ray
-        while True:
-            refs = [self.actors.learner.send_weights.remote()] + [w.receive_weights.remote()
-                                                                  for w in self.actors.rollouts]
-            try:
-                versions = self.wait(refs, "weight broadcast")
-                return versions[0]
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                    ray.exceptions.RayTaskError) as err:
-                self._failed("the collective weight broadcast", err)
-            for i, worker in enumerate(self.actors.rollouts):
-                self._until_alive(worker, f"rollout-{i}")
-            self._join_group()
-
-    def _recover(self, i: int, err: BaseException, version: int, weights) -> None:
-        task_error = isinstance(err, self.ray.exceptions.RayTaskError)
-        self._failed(f"a reward actor (called by rollout-{i})" if task_error else f"rollout-{i}", err)
-        worker = self.actors.rollouts[i]
-        self._until_alive(worker, f"rollout-{i}")
-        for j, reward in enumerate(self.actors.rewards):
-            self._until_alive(reward, f"rewards-{j}")
-        # A restarted actor holds the weights it loaded from disk: give it the current ones.
-        if self.collective:  # it left the weight group when it died: rebuild the group
-            self._join_group()
-            self._collective_broadcast()
-        else:
-            self.wait(worker.load_weights.remote(weights, version), f"weights for restarted rollout-{i}")
+        self.prefetched: Batch | None = None  # ppo.max_lag=1: the next step's batch, generated during the update
+        self.first = self.step_start = self._position()
 
     def train_step(self, step: int, steps: int) -> dict[str, Any]:
-        """One PPO step. With ppo.max_lag=1 the next step's batch is generated (by these same
-        weights) while the learner updates, and waits in ``self.prefetched``."""
-        cfg, lag = self.cfg, self.cfg.ppo.max_lag
+        """One PPO step: 1. broadcast  2. rollout  3. update  4. log."""
+        self.step_start = self._position()
         t0 = time.perf_counter()
-        version, weights = self.broadcast()
+        sent = self.weights.send()
         t1 = time.perf_counter()
-        if self.prefetched is not None:
-            queries, rollouts = self.prefetched
-            self.prefetched = None
-        else:
-            queries = self.stream.next_batch()
-            rollouts = self.rollout(queries, step, version, weights)
-        consumed = DataState(**vars(self.stream.state))  # the data position once this step is done
+        queries, rollouts = self.prefetched or self.rollout(self.stream.next_batch(), step, sent)
+        self.prefetched = None
         t2 = time.perf_counter()
         responses = [r for ro in rollouts for r in ro.responses]
         scores = [s for ro in rollouts for s in ro.scores]
-        if step == cfg.run.test_nan_reward_step:
-            scores[0] = float("nan")
-        if not np.all(np.isfinite(scores)):
-            raise NonFiniteStop(f"non-finite reward at step {step + 1}", intact=True)
-        behaviour = [lp for ro in rollouts for lp in ro.logprobs] if lag else None
-        step_ref = self.actors.learner.step.remote(queries, responses, scores, behaviour)
-        if lag and step + 1 < steps:  # overlap: generate the next batch during the update
-            next_queries = self.stream.next_batch()
-            self.prefetched = (next_queries, self.rollout(next_queries, step + 1, version, weights))
-        stats = self._learner_result(step_ref, step)
-        self.data_state = consumed
-        t3 = time.perf_counter()
-        tokens = sum(len(q) + len(r) for q, r in zip(queries, responses))
-        oldest = min(r.weight_version for r in rollouts)
-        stats.update({
-            "step": step, "time/broadcast": t1 - t0, "time/rollout": t2 - t1, "time/update": t3 - t2,
-            "time/step": t3 - t0, "time/generate": max(r.generate_seconds for r in rollouts),
-            "time/score": max(r.score_seconds for r in rollouts),
-            "rollout/weight_version": oldest, "rollout/version_lag": version - oldest,
-            "samples_per_second": cfg.ppo.batch_size / (t3 - t0), "tokens_per_second": tokens / (t3 - t0),
-            "failures": self.failures,
-        })
+        behaviour = [lp for ro in rollouts for lp in ro.logprobs] if self.cfg.ppo.max_lag else None
+        update = self.fleet.learner.step.remote(queries, responses, scores, behaviour)
+        if self.cfg.ppo.max_lag and step + 1 < steps:  # the next batch, by these weights, during the update
+            self.prefetched = self.rollout(self.stream.next_batch(), step + 1, sent)
+        stats = self.recovery.learner_call(update, "PPO step")
+        stats.update(step_stats(step, rollouts, sent, (t0, t1, t2, time.perf_counter()), self.cfg.ppo.batch_size))
+        stats["failures"] = self.recovery.deaths
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         self.run.log_step(stats, {"step": step, "scores": scores, "queries": [decode(q) for q in queries],
                                   "responses": [decode(r) for r in responses]})
-        self.metrics.record(stats, {f"rollout-{i}": version - r.weight_version for i, r in enumerate(rollouts)})
+        self.metrics.record(stats, {f"rollout-{i}": sent.version - r.weight_version for i, r in enumerate(rollouts)})
         return stats
 
-    def _learner_result(self, step_ref, step: int) -> dict[str, Any]:
-        try:
-            return self.wait(step_ref, "PPO step")
-        except self.ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, FloatingPointError):
-                raise NonFiniteStop(f"{err.cause} at step {step + 1}", intact=getattr(err.cause, "intact", False))
-            raise RunError(f"PPO step failed: {_root_cause(err)}") from None
-        except self.ray.exceptions.RayActorError as err:
-            raise RunError(f"the learner actor died ({_root_cause(err)}); continue from the last checkpoint with "
-                           f"--resume {self.run.path}") from None
+    def rollout(self, queries: list[list[int]], step: int, sent: Sent) -> Batch:
+        """Every shard's Rollout, in shard order, each checked to come from the weights sent."""
+        timeout = self.cfg.cluster.call_timeout_s
+        calls = {i: (lambda i=i, a=a, b=b: self.fleet.rollouts[i].rollout.remote(queries[a:b], step, i, timeout))
+                 for i, (a, b) in enumerate(self.shards)}
+        rollouts = self.recovery.gather(calls, "rollout", self.weights.resend)
+        verify(rollouts, sent)
+        return queries, rollouts
 
-    # ---------------------------------------------------------------- state
+    def replace_learner(self, reason: str) -> int:
+        """A new learner in the lost one's bundle, at the newest good checkpoint; the step to redo from."""
+        t0 = time.perf_counter()
+        self.recovery.replace_learner(reason)
+        if self.weights.collective:
+            self.weights.rejoin()
+        ckpt, notes = checkpoint.newest_good(self.run.path)
+        for note in notes:
+            log.warning("%s", note)
+        step = self.restore(ckpt)
+        self._record_actors()
+        log.warning("the learner died (%s); a new learner continues from %s (redoing from step %d), ready in %.1fs",
+                    reason, ckpt.name if ckpt else "the start", step + 1, time.perf_counter() - t0)
+        return step
 
-    def save_checkpoint(self, steps_done: int) -> Path:
-        state = self.wait(self.actors.learner.state_bytes.remote(), "learner state")
-        # The data position of the finished steps: a prefetched batch (ppo.max_lag=1) is drawn
-        # again on resume, and generated by the resumed weights.
-        driver = {"step": steps_done, "data": vars(self.data_state), "seed": self.cfg.run.seed}
-        files = {"learner.pt": state, "driver.json": json.dumps(driver).encode()}
-        for name in ("stats.jsonl", "rollouts.jsonl"):
+    # ---------------------------------------------------------------- files
+
+    def save_checkpoint(self, steps_done: int, before_step: bool = False) -> Path:
+        """The checkpoint after ``steps_done`` steps; ``before_step``: as the current step started
+        (a stopped step: the learner's state is still the state before it)."""
+        data, prefetched = self.step_start if before_step else self._position()
+        files = self.recovery.learner_call(self.fleet.learner.state_bytes.remote(), "learner state")
+        driver = {"step": steps_done, "data": vars(data), "seed": self.cfg.run.seed}
+        files["driver.json"] = json.dumps(driver).encode()
+        if prefetched is not None:
+            queries, rollouts = prefetched
+            files["prefetch.json"] = json.dumps({"queries": queries, "rollouts": [asdict(r) for r in rollouts]}).encode()
+        for name in LOGS:
             file = self.run.path / name
             files[name] = file.read_bytes() if file.exists() else b""
         return checkpoint.write(self.run.path, steps_done, files, self.cfg.run.keep_checkpoints)
 
-    def restore(self, ckpt: Path) -> int:
-        driver = json.loads((ckpt / "driver.json").read_text())
-        self.stream.load_state(DataState(**driver["data"]))
-        self.data_state = DataState(**driver["data"])
-        self.wait(self.actors.learner.load_state_bytes.remote((ckpt / "learner.pt").read_bytes()), "restoring the learner")
-        self.run.restore_logs(ckpt)
-        return driver["step"]
+    def restore(self, ckpt: Path | None) -> int:
+        """Learner, data position, prefetched batch and logs as at ``ckpt`` (None: the start of the
+        run, with a fresh learner). Returns the steps done."""
+        if ckpt is None:
+            (data, self.prefetched), step = self.first, 0
+            for name in LOGS:
+                (self.run.path / name).write_bytes(b"")
+        else:
+            files = checkpoint.read(ckpt)
+            driver = json.loads(files["driver.json"])
+            data, step, batch = DataState(**driver["data"]), driver["step"], files.get("prefetch.json")
+            batch = json.loads(batch) if batch else None
+            self.prefetched = (batch["queries"], [Rollout(**r) for r in batch["rollouts"]]) if batch else None
+            learner_files = {k: files[k] for k in (checkpoint.LEARNER_TENSORS, checkpoint.LEARNER_META)}
+            self.recovery.learner_call(self.fleet.learner.load_state_bytes.remote(learner_files), "restoring the learner")
+            self.run.restore_logs(ckpt)
+        self.stream.load_state(DataState(**vars(data)))
+        return step
 
     def save_policy(self) -> Path:
-        files = self.wait(self.actors.learner.export_policy.remote(), "exporting the policy")
+        files = self.recovery.learner_call(self.fleet.learner.export_policy.remote(), "exporting the policy")
         folder = self.run.path / "policy"
         folder.mkdir(exist_ok=True)
         for name, data in files.items():
             (folder / name).write_bytes(data)
         return folder
 
+    def _position(self) -> tuple[DataState, Batch | None]:
+        return DataState(**vars(self.stream.state)), self.prefetched
 
-class NonFiniteStop(RunError):
-    def __init__(self, message: str, intact: bool) -> None:
-        super().__init__(message)
-        self.intact = intact
+    def _record_actors(self) -> None:
+        """actors.json: where each actor runs (pid, node, device), for users and the failure tests."""
+        (self.run.path / "actors.json").write_text(json.dumps(self.recovery.pings, indent=1))
+
+
+def step_stats(step: int, rollouts: list[Rollout], sent: Sent, times: tuple[float, float, float, float],
+               batch_size: int) -> dict[str, Any]:
+    """The driver's own statistics of a step: timings, weight versions, throughput."""
+    t0, t1, t2, t3 = times
+    oldest = min(r.weight_version for r in rollouts)
+    tokens = sum(len(q) + len(r) for ro in rollouts for q, r in zip(ro.queries, ro.responses))
+    return {
+        "step": step, "time/broadcast": t1 - t0, "time/rollout": t2 - t1, "time/update": t3 - t2,
+        "time/step": t3 - t0, "time/generate": max(r.generate_seconds for r in rollouts),
+        "time/score": max(r.score_seconds for r in rollouts),
+        "rollout/weight_version": oldest, "rollout/version_lag": sent.version - oldest,
+        # every shard trained on was checked against the learner's fingerprint when generated
+        "rollout/weights_verified": len(rollouts),
+        "samples_per_second": batch_size / (t3 - t0), "tokens_per_second": tokens / (t3 - t0),
+    }
 
 
 def _fmt_eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _step_line(stats: dict[str, Any], step: int, steps: int, eta: float) -> str:
+    return (f"step {step + 1}/{steps}  reward {stats['env/reward_mean']:+.3f}  "
+            f"kl {stats['objective/kl']:.3f}  beta {stats['objective/kl_coef']:.3f}  "
+            f"gen {stats['time/generate']:.1f}s  score {stats['time/score']:.2f}s  "
+            f"update {stats['time/update']:.1f}s  {stats['samples_per_second']:.1f} samples/s  "
+            f"eta {_fmt_eta(eta)}")
+
+
+def run_steps(driver: Driver, cfg: Config, start: int, steps: int) -> None:
+    """The steps, a checkpoint every run.checkpoint_every and at the end; a lost learner is
+    replaced and the steps since the newest good checkpoint redone."""
+    t_start, done, last_ckpt, step = time.perf_counter(), 0, start, start
+    while step < steps:
+        try:
+            stats = driver.train_step(step, steps)
+            done += 1
+            print(_step_line(stats, step, steps, (time.perf_counter() - t_start) / done * (steps - step - 1)),
+                  flush=True)
+            step += 1
+            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                driver.save_checkpoint(step)
+                last_ckpt = step
+        except LearnerLost as err:
+            step = last_ckpt = driver.replace_learner(str(err))
+        except NonFiniteError as err:
+            where = (f"saved the last good state as {driver.save_checkpoint(step, before_step=True)}" if err.intact
+                     else f"the last good checkpoint is step {last_ckpt}")
+            raise RunError(f"{err.what} at step {step + 1}; {where}") from None
+    if last_ckpt != steps:
+        driver.save_checkpoint(steps)
 
 
 def train(cfg: Config) -> Path:
@@ -349,28 +281,8 @@ def train(cfg: Config) -> Path:
         if resume_from is not None:
             start = driver.restore(resume_from)
             print(f"resumed from {resume_from} at step {start + 1}", flush=True)
-        # 4. the steps
-        t_start, last_ckpt = time.perf_counter(), start
-        for step in range(start, steps):
-            try:
-                stats = driver.train_step(step, steps)
-            except NonFiniteStop as err:
-                where = (f"saved the last good state as {driver.save_checkpoint(step)}" if err.intact
-                         else f"the last good checkpoint is step {last_ckpt}")
-                raise RunError(f"{err}; {where}") from None
-            done = step + 1 - start
-            eta = (time.perf_counter() - t_start) / done * (steps - step - 1)
-            print(f"step {step + 1}/{steps}  reward {stats['env/reward_mean']:+.3f}  "
-                  f"kl {stats['objective/kl']:.3f}  beta {stats['objective/kl_coef']:.3f}  "
-                  f"gen {stats['time/generate']:.1f}s  score {stats['time/score']:.2f}s  "
-                  f"update {stats['time/update']:.1f}s  {stats['samples_per_second']:.1f} samples/s  "
-                  f"eta {_fmt_eta(eta)}", flush=True)
-            if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
-                driver.save_checkpoint(step + 1)
-                last_ckpt = step + 1
-        # 5. the end
-        if last_ckpt != steps:
-            driver.save_checkpoint(steps)
+        # 4. the steps, 5. the last checkpoint and the tuned policy
+        run_steps(driver, cfg, start, steps)
         print(f"tuned policy saved to {driver.save_policy()}", flush=True)
     finally:
         ray.shutdown()
@@ -384,22 +296,12 @@ def train(cfg: Config) -> Path:
     return run.path
 
 
-def _root_cause(err: BaseException) -> str:
-    """The innermost error's one line, not Ray's wall of remote tracebacks."""
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, BaseException) and cause is not err:
-        return _root_cause(cause)
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "Error: " in ln and not ln.startswith(("File ", "raise "))]
-    return (errors[-1] if errors else (lines[-1] if lines else type(err).__name__))[:500]
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from learner.placement import PlacementError
 
     try:
-        cfg, _ = parse_args(argv)
+        cfg = parse_args(argv)
         resolve_local_paths(cfg)
         train(cfg)
     except (ConfigError, ModelLoadError, checkpoint.CheckpointError) as err:
@@ -413,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, ray.exceptions.RayError):
             raise
-        print(f"error: {_root_cause(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: continue with --resume RUN_DIR from the last checkpoint", file=sys.stderr)
