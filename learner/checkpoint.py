@@ -1,12 +1,20 @@
-"""Atomic checkpoints in the run directory, keeping the last K.
+"""Atomic checkpoints in the run directory that hold data only, never code; the last K kept.
 
 A checkpoint is a folder ``checkpoints/step-000010`` (10 steps done) holding
-``learner.pt`` (weights, Adam, KL coefficient, RNGs), ``driver.json`` (next step, data
-position, seed), ``stats.jsonl`` and ``rollouts.jsonl`` (the metrics so far) and, written
-last, ``MANIFEST.json`` with every file's size and SHA-256. It is written under a temporary
-name, fsynced, then renamed: a crash mid-write leaves a ``.tmp-*`` folder that is never
-taken for a checkpoint, and a checkpoint whose files do not match its manifest is skipped
-on resume with a message.
+
+- ``learner.safetensors``: weights, Adam's moments and the torch RNG;
+- ``learner.json``: KL coefficient, numpy RNG, weight version, Adam's settings;
+- ``driver.json``: steps done, data position, seed;
+- ``prefetch.json`` (``ppo.max_lag=1`` only): the batch generated during the last update and
+  not yet trained on, so a resumed run trains on the very same samples;
+- ``stats.jsonl`` and ``rollouts.jsonl``: the logs so far;
+- written last, ``MANIFEST.json``: every file above with its size and SHA-256.
+
+Nothing in a checkpoint is unpickled: a file that is not one of these names, a manifest that
+does not list every file needed, a missing file, a wrong checksum or an unreadable
+safetensors header makes the checkpoint unusable, said in one line, and the one before it is
+taken. A checkpoint is written under a temporary name, fsynced, then renamed: a crash
+mid-write leaves a ``.tmp-*`` folder that is never taken for a checkpoint.
 """
 from __future__ import annotations
 
@@ -16,11 +24,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 PREFIX = "step-"
+LEARNER_TENSORS, LEARNER_META = "learner.safetensors", "learner.json"
+REQUIRED = (LEARNER_TENSORS, LEARNER_META, "driver.json", "stats.jsonl", "rollouts.jsonl")
+OPTIONAL = ("prefetch.json",)
 
 
 class CheckpointError(ValueError):
@@ -31,8 +43,65 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+# ----------------------------------------------------------------------------- the learner's state
+
+def pack_learner(model: Any, optimizer: Any, meta: dict[str, Any], torch_rng: Any) -> dict[str, bytes]:
+    """The learner's state as {LEARNER_TENSORS: safetensors, LEARNER_META: JSON}.
+
+    Tied weights (GPT-2's lm_head is the input embedding) are stored once and named as
+    aliases; Adam's per-parameter tensors as ``optimizer/<index>/<name>``.
+    """
+    from safetensors.torch import save
+
+    tensors, aliases, first = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        tensors[f"model/{name}"] = t.detach().cpu().contiguous()
+    opt = optimizer.state_dict()
+    scalars = {}
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            if hasattr(value, "shape"):
+                tensors[f"optimizer/{index}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}/{name}"] = value
+    tensors["torch_rng"] = torch_rng
+    meta = {**meta, "aliases": aliases, "optimizer_param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+    return {LEARNER_TENSORS: save(tensors), LEARNER_META: json.dumps(meta).encode()}
+
+
+def unpack_learner(files: dict[str, bytes], model: Any, optimizer: Any) -> tuple[dict[str, Any], Any]:
+    """Loads ``pack_learner``'s files into model and optimizer; returns (meta, torch RNG state)."""
+    from safetensors.torch import load
+
+    tensors = load(files[LEARNER_TENSORS])
+    meta = json.loads(files[LEARNER_META])
+    weights = {name[len("model/"):]: t for name, t in tensors.items() if name.startswith("model/")}
+    weights.update({alias: weights[target] for alias, target in meta["aliases"].items()})
+    model.load_state_dict(weights)
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = t
+    for name, value in meta["optimizer_scalars"].items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    return meta, tensors["torch_rng"]
+
+
+# ----------------------------------------------------------------------------- files
+
 def write(run_dir: Path, step: int, files: dict[str, bytes], keep_last: int) -> Path:
     """Write {name: bytes} as the checkpoint after ``step`` steps, atomically; prune old ones."""
+    unknown = sorted(set(files) - set(REQUIRED) - set(OPTIONAL))
+    if unknown or not set(REQUIRED) <= set(files):
+        raise ValueError(f"checkpoint files {sorted(files)}: need {REQUIRED}, may add {OPTIONAL}")
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
@@ -51,6 +120,12 @@ def write(run_dir: Path, step: int, files: dict[str, bytes], keep_last: int) -> 
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def read(ckpt: Path) -> dict[str, bytes]:
+    """The files of a checkpoint that ``verify`` passed, by name."""
+    names = json.loads((ckpt / MANIFEST).read_text())["files"]
+    return {name: (ckpt / name).read_bytes() for name in names}
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -76,26 +151,72 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def verify(ckpt: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else why not."""
+def _manifest_files(ckpt: Path) -> dict[str, Any] | str:
+    """The manifest's {name: {bytes, sha256}}, or why it is unusable."""
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, ValueError):
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, TypeError, KeyError):
         return "no readable manifest"
-    for name, meta in manifest["files"].items():
+    if not isinstance(files, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values()):
+        return "malformed manifest"
+    unknown = sorted(set(files) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        return f"unexpected file {unknown[0]}: a checkpoint holds only safetensors and JSON"
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        return f"the manifest does not list {missing[0]}"
+    return files
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if the checkpoint is complete, intact and holds only data, else why not (one line)."""
+    files = _manifest_files(ckpt)
+    if isinstance(files, str):
+        return files
+    for name, meta in files.items():
         file = ckpt / name
         if not file.is_file():
             return f"{name} is missing"
         data = file.read_bytes()
         if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             return f"{name} does not match its checksum"
+        if not _readable(name, file, data):
+            return f"{name} is not valid {'safetensors' if name.endswith('.safetensors') else 'JSON'}"
     return None
 
 
-def find_resumable(path: Path) -> tuple[Path, Path, list[str]]:
-    """(run dir, newest intact checkpoint, messages about skipped ones) for ``--resume PATH``.
+def _readable(name: str, file: Path, data: bytes) -> bool:
+    """JSON parses; a safetensors header parses (its tensors are read only by the learner)."""
+    try:
+        if name.endswith(".json"):
+            json.loads(data)
+        elif name.endswith(".safetensors"):
+            from safetensors import safe_open
 
-    PATH is a run directory or one of its checkpoints; a corrupt newest checkpoint falls
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+    except Exception:  # any parse failure: the checkpoint is unusable, whatever the library raised
+        return False
+    return True
+
+
+def newest_good(run_dir: Path, candidates: list[Path] | None = None) -> tuple[Path | None, list[str]]:
+    """(newest usable checkpoint or None, one line per newer one skipped and why)."""
+    notes = []
+    for ckpt in reversed(list_checkpoints(run_dir) if candidates is None else candidates):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt, notes
+        notes.append(f"checkpoint {ckpt.name} is unusable ({problem}); falling back to an older one")
+    return None, notes
+
+
+def find_resumable(path: Path) -> tuple[Path, Path, list[str]]:
+    """(run dir, newest usable checkpoint, messages about skipped ones) for ``--resume PATH``.
+
+    PATH is a run directory or one of its checkpoints; an unusable newest checkpoint falls
     back to the one before it, saying so.
     """
     path = path.expanduser().resolve()
@@ -105,10 +226,7 @@ def find_resumable(path: Path) -> tuple[Path, Path, list[str]]:
         run_dir, candidates = path, list_checkpoints(path)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"--resume: '{path}' is not a run directory or checkpoint (no config.yaml in {run_dir})")
-    notes = []
-    for ckpt in reversed(candidates):
-        problem = verify(ckpt)
-        if problem is None:
-            return run_dir, ckpt, notes
-        notes.append(f"checkpoint {ckpt.name} is corrupt ({problem}); falling back to an older one")
-    raise CheckpointError(f"--resume: no intact checkpoint in {run_dir}" + (f" ({'; '.join(notes)})" if notes else ""))
+    ckpt, notes = newest_good(run_dir, candidates)
+    if ckpt is None:
+        raise CheckpointError(f"--resume: no usable checkpoint in {run_dir}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return run_dir, ckpt, notes

@@ -6,7 +6,7 @@ reference's statistics under the reference's names (plus ``env/*`` and ``time/*`
 """
 from __future__ import annotations
 
-import io
+import functools
 import logging
 import tempfile
 import time
@@ -95,11 +95,35 @@ def _place(x: torch.Tensor, start: int, width: int) -> torch.Tensor:
 
 
 class NonFiniteError(FloatingPointError):
-    """A non-finite value in the step; ``intact`` says no parameter was updated in this step."""
+    """A non-finite value in the step; ``intact`` says no parameter was updated in this step
+    (and the RNGs were put back as they were at its start, so the learner's state is the
+    state before the step). ``what`` is the one-line message."""
 
-    def __init__(self, message: str, intact: bool) -> None:
-        super().__init__(message)
-        self.intact = intact
+    def __init__(self, what: str, intact: bool) -> None:
+        super().__init__(what)
+        self.what, self.intact = what, intact
+
+
+def _rng_kept_on_stop(step: Callable) -> Callable:
+    """A step stopped before any update leaves the RNGs as they were at its start."""
+    @functools.wraps(step)
+    def guarded(self: "PPOLearner", *args, **kwargs):
+        numpy_rng, torch_rng = self.rng.bit_generator.state, torch.get_rng_state()
+        try:
+            return step(self, *args, **kwargs)
+        except NonFiniteError as err:
+            if err.intact:
+                self.rng.bit_generator.state = numpy_rng
+                torch.set_rng_state(torch_rng)
+            raise
+    return guarded
+
+
+def _check_finite_grads(model: torch.nn.Module, intact: bool) -> None:
+    """Before the optimizer step: a non-finite gradient must never reach the weights or Adam."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        raise NonFiniteError("non-finite gradient", intact)
 
 
 def _check_finite(what: str, tensor: torch.Tensor, intact: bool) -> None:
@@ -192,6 +216,7 @@ class PPOLearner:
 
     # ------------------------------------------------------------------ the PPO step
 
+    @_rng_kept_on_stop
     def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
              behaviour_logprobs: list[list[float]] | None = None) -> dict[str, float]:
         """One reference PPO step on a full batch; returns the reference's statistics.
@@ -262,6 +287,7 @@ class PPOLearner:
                         self.cfg.ratio_threshold)
         self.optimizer.zero_grad(set_to_none=False)
         out.loss.backward()
+        _check_finite_grads(self.model, intact)
         self.optimizer.step()
         return {k: v.detach().cpu() for k, v in out.stats.items()}
 
@@ -332,28 +358,31 @@ class PPOLearner:
             save_policy(self.model, self.tokenizer, tmp)
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
-    def state_bytes(self) -> bytes:
-        """Everything needed to continue exactly: weights, Adam, KL coefficient, RNGs, version."""
-        buf = io.BytesIO()
-        torch.save({
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "kl_coef": float(self.kl_ctl.value),
-            "numpy_rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "version": self.version,
-        }, buf)
-        return buf.getvalue()
+    def state_bytes(self) -> dict[str, bytes]:
+        """Everything needed to continue exactly (weights, Adam, KL coefficient, RNGs, version) as
+        data only: {file name: bytes} in safetensors and JSON (learner.checkpoint.pack_learner)."""
+        from learner.checkpoint import pack_learner
 
-    def load_state_bytes(self, data: bytes) -> int:
-        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_ctl.value = state["kl_coef"]
-        self.rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        self.version = state["version"]
+        meta = {"kl_coef": float(self.kl_ctl.value), "numpy_rng": self.rng.bit_generator.state,
+                "version": self.version}
+        return pack_learner(self.model, self.optimizer, meta, torch.get_rng_state())
+
+    def load_state_bytes(self, files: dict[str, bytes]) -> int:
+        """Restores ``state_bytes``' files; nothing in them is unpickled. Returns the version."""
+        from learner.checkpoint import unpack_learner
+
+        meta, torch_rng = unpack_learner(files, self.model, self.optimizer)
+        self.kl_ctl.value = meta["kl_coef"]
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        torch.set_rng_state(torch_rng)
+        self.version = meta["version"]
         return self.version
+
+    def weights_fingerprint(self) -> tuple[int, list[float]]:
+        """(version, actors.fingerprint of the LM weights): what every rollout actor must report."""
+        from actors.fingerprint import fingerprint
+
+        return self.version, fingerprint(collective.lm_tensors(self.model.pretrained_model))
 
     def ping(self) -> dict:
         import os

@@ -1,0 +1,184 @@
+"""Every remote wait of a run, bounded, and what to do when an actor is lost.
+
+Rollout and reward actors are restarted by Ray (``max_restarts``); a call they failed is made
+again once they answer, after the caller has given a restarted rollout actor the current
+weights (``resend``). The learner is not restarted by Ray (its state lives in memory): its loss
+is raised as :class:`LearnerLost` and the driver starts a new one (``replace_learner``) and
+loads the newest good checkpoint.
+
+Deaths are counted per actor, not per failed call: after a failure every actor is pinged until
+it answers, and each one that answers from a new process died once, however many calls its
+death failed (one reward actor serves every rollout actor's shard). ``cluster.max_failures``
+is the budget of deaths.
+
+Handles need only ``handle.<method>.remote(...)`` and a ``ping`` method returning ``{"pid"}``;
+waiting goes through :class:`Calls`, so the unit tests drive this with fake handles and no Ray.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+class LearnerLost(RuntimeError):
+    """The learner actor died; the driver starts a new one from the newest good checkpoint."""
+
+
+class Calls(Protocol):
+    """How remote results are waited for (Ray in a run, fakes in the tests)."""
+
+    lost: tuple[type[BaseException], ...]  # errors that mean "the actor is gone"
+    timeout: type[BaseException]  # what ``get`` raises when time runs out
+
+    def get(self, refs: Any, timeout_s: float) -> Any: ...
+
+    def wait_one(self, refs: list[Any], timeout_s: float) -> Any | None: ...
+
+
+class RayCalls:
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray
+        self.lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        self.timeout = ray.exceptions.GetTimeoutError
+
+    def get(self, refs: Any, timeout_s: float) -> Any:
+        return self.ray.get(refs, timeout=timeout_s)
+
+    def wait_one(self, refs: list[Any], timeout_s: float) -> Any | None:
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout_s)
+        return done[0] if done else None
+
+
+def one_line(err: BaseException) -> str:
+    """A remote error in one line: the exception Ray carried over (``.cause``), not its traceback."""
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+@dataclass
+class Fleet:
+    """The run's actor handles, by role."""
+
+    learner: Any
+    rollouts: list[Any]
+    rewards: list[Any]
+
+    def named(self) -> dict[str, Any]:
+        return {"learner": self.learner, **{f"rollout-{i}": a for i, a in enumerate(self.rollouts)},
+                **{f"rewards-{i}": a for i, a in enumerate(self.rewards)}}
+
+
+class Recovery:
+    """Bounded waits; lost actors waited for or replaced, their deaths counted once each."""
+
+    def __init__(self, fleet: Fleet, calls: Calls, timeout_s: float, max_failures: int,
+                 start_learner: Callable[[], Any], poll_s: float = 0.5) -> None:
+        self.fleet, self.calls, self.timeout_s, self.max_failures = fleet, calls, timeout_s, max_failures
+        self.start_learner, self.poll_s = start_learner, poll_s
+        self.deaths = 0
+        self.pings: dict[str, dict] = {}  # each actor's last answer: pid, node, device
+
+    def start(self) -> dict[str, dict]:
+        """Every actor's ping (pid, node, device), once all have started."""
+        named = self.fleet.named()
+        self.pings = dict(zip(named, self.get([a.ping.remote() for a in named.values()], "actor start-up")))
+        return self.pings
+
+    def get(self, refs: Any, what: str) -> Any:
+        """The results, or RunError naming what did not answer within cluster.call_timeout_s."""
+        try:
+            return self.calls.get(refs, self.timeout_s)
+        except self.calls.timeout:
+            raise RunError(f"{what} did not finish within cluster.call_timeout_s={self.timeout_s:g}s") from None
+
+    def learner_call(self, refs: Any, what: str) -> Any:
+        """``get`` for calls on the learner: its loss is LearnerLost."""
+        try:
+            return self.get(refs, what)
+        except self.calls.lost as err:
+            raise LearnerLost(one_line(err)) from None
+
+    def gather(self, calls: dict[int, Callable[[], Any]], what: str, resend: Callable[[list[int]], None]) -> list:
+        """One call per rollout actor, results in index order. A call failed by a lost actor (the
+        rollout actor or a reward actor under it) is made again once every actor answers, after
+        ``resend`` has given each restarted rollout actor the current weights."""
+        pending = {make(): i for i, make in calls.items()}
+        results: dict[int, Any] = {}
+        redone = dict.fromkeys(calls, 0)
+        while pending:
+            done = self.calls.wait_one(list(pending), self.timeout_s)
+            if done is None:
+                raise RunError(f"{what} did not finish within cluster.call_timeout_s={self.timeout_s:g}s")
+            i = pending.pop(done)
+            try:
+                results[i] = self.calls.get(done, self.timeout_s)
+                continue
+            except Exception as err:
+                if not self.is_lost(err):  # a real error in the call, not a lost actor
+                    raise RunError(f"{what} on rollout-{i} failed: {one_line(err)}") from None
+                restarted = self.count_deaths(err, f"{what} of rollout-{i}")
+            redone[i] += 1
+            if redone[i] > self.max_failures + 1:  # lost again and again, yet nobody died
+                raise RunError(f"{what} on rollout-{i} failed {redone[i]} times: {one_line(err)}")
+            resend([int(name.split("-")[1]) for name in restarted if name.startswith("rollout-")])
+            pending[calls[i]()] = i
+        return [results[i] for i in sorted(results)]
+
+    def is_lost(self, err: BaseException) -> bool:
+        """The actor called (or, under a rollout call, a reward actor it called) is gone."""
+        return isinstance(err, self.calls.lost) or isinstance(getattr(err, "cause", None), self.calls.lost)
+
+    def count_deaths(self, err: BaseException, what: str) -> list[str]:
+        """Wait until every rollout and reward actor answers; each one answering from a new process
+        died once. Returns their names; RunError once deaths exceed cluster.max_failures."""
+        restarted = []
+        for name, actor in self.fleet.named().items():
+            if name != "learner":
+                ping = self._until_alive(actor, name)
+                if ping["pid"] != self.pings.get(name, {}).get("pid"):
+                    restarted.append(name)
+                    self.pings[name] = ping
+        self._spend(restarted, what, err)
+        if restarted:
+            log.warning("%s died (%s); restarted, redoing its work (%d/%d deaths)", ", ".join(restarted),
+                        one_line(err), self.deaths, self.max_failures)
+        return restarted
+
+    def replace_learner(self, reason: str) -> Any:
+        """A new learner actor (in the dead one's bundle), once it answers."""
+        self._spend(["learner"], "the learner", reason)
+        self.fleet.learner = self.start_learner()
+        self.pings["learner"] = self._until_alive(self.fleet.learner, "the new learner")
+        return self.fleet.learner
+
+    def _spend(self, dead: list[str], what: str, err: BaseException | str) -> None:
+        self.deaths += len(dead)
+        if self.deaths > self.max_failures:
+            why = err if isinstance(err, str) else one_line(err)
+            raise RunError(f"{what} failed: {', '.join(dead)} died ({why}); {self.deaths} actor deaths exceed "
+                           f"cluster.max_failures={self.max_failures}")
+
+    def _until_alive(self, actor: Any, name: str) -> dict:
+        """The ping of ``actor`` once it answers (Ray may be restarting it), bounded."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return self.calls.get(actor.ping.remote(), max(1.0, deadline - time.monotonic()))
+            except self.calls.lost:
+                if time.monotonic() > deadline:
+                    raise RunError(f"{name} did not come back within cluster.call_timeout_s") from None
+                time.sleep(self.poll_s)
+            except self.calls.timeout:
+                raise RunError(f"{name} did not come back within cluster.call_timeout_s") from None
