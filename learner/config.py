@@ -168,7 +168,9 @@ class ClusterConfig:
     call_timeout_s: float = 600.0
     """longest wait for any one remote call before the run stops with an error"""
     max_failures: int = 3
-    """rollout/reward actor failures (restarted by Ray, their work redone) before the run stops"""
+    """actor deaths the run survives (each actor counted once per death, however many calls it
+    failed): rollout and reward actors are restarted by Ray, the learner by the driver from the
+    newest good checkpoint, and their work redone"""
 
     def __post_init__(self) -> None:
         check_ranges("cluster", self, {
@@ -206,8 +208,6 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_ranges("run", self, {"steps": NON_NEGATIVE, "checkpoint_every": NON_NEGATIVE,
                                    "keep_checkpoints": POSITIVE, "report_queries": NON_NEGATIVE})
-    test_nan_reward_step: int = -1
-    """TEST ONLY: make one reward NaN at this step, to exercise the non-finite stop"""
 
 
 @dataclass
