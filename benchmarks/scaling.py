@@ -20,7 +20,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from test_cluster import NODES, LocalCluster, started_cluster  # noqa: E402
+from localcluster import LocalCluster, started_cluster  # noqa: E402
+
+NODES = 3
 
 
 def run(cluster: LocalCluster, workers: int, steps: int, out: Path) -> dict:
@@ -47,7 +49,7 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     rows = []
-    with started_cluster("rays-") as cluster:
+    with started_cluster("rays-", nodes=NODES) as cluster:
         for n in args.workers:
             rows.append(run(cluster, n, args.steps, cluster.root / "runs"))
             r = rows[-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,7 +19,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout import RolloutWorker
-from learner.config import Config
+from learner.config import ClusterConfig, Config
 from learner.trainer import PPOLearner
 from rewards.server import RewardServer
 
@@ -83,19 +84,59 @@ class Roles:
                 + [bundle(1, self.reward_gpus)] * r)
 
 
+def plan_roles(cluster: ClusterConfig, gpus_per_node: list[float]) -> Roles:
+    """Each role's GPUs, fitted to the cluster's shape (a pure function of it, so tests need no Ray).
+
+    Settings >= 0 win; -1 (the default) is placed by what the cluster has:
+    - no GPU anywhere: every role on CPU;
+    - one node with one GPU (a workstation): every role gets an equal share of it;
+    - one node with several: the learner gets a GPU of its own, rollout and reward actors share
+      the rest (a share never spans two GPUs, so each is 1/k of one GPU);
+    - several nodes with GPUs: one GPU per role (an autoscaler adds GPU nodes as needed).
+    """
+    n, r = cluster.num_rollout_workers, cluster.num_reward_workers
+    gpu_nodes = [g for g in gpus_per_node if g > 0]
+    if not gpu_nodes:
+        auto_learner = auto_other = 0.0
+    elif len(gpus_per_node) == 1 and gpu_nodes[0] < 2:
+        auto_learner = auto_other = _share(1 + n + r, 1)
+    elif len(gpus_per_node) == 1:
+        auto_learner, auto_other = 1.0, _share(n + r, int(gpu_nodes[0]) - 1)
+    else:
+        auto_learner = auto_other = 1.0
+    pick = lambda v, auto: auto if v < 0 else v  # noqa: E731
+    return Roles(pick(cluster.learner_gpus, auto_learner), cluster.learner_cpus,
+                 pick(cluster.rollout_gpus, auto_other), pick(cluster.reward_gpus, auto_other))
+
+
+def _share(actors: int, gpus: int) -> float:
+    """The GPU share that fits ``actors`` actors on ``gpus`` whole GPUs: 1 each when there are
+    enough, else 1/k with k = actors per GPU, rounded down to Ray's 1e-4 granularity."""
+    per_gpu = -(-actors // gpus)  # ceil
+    return 1.0 if per_gpu <= 1 else math.floor(10_000 / per_gpu) / 10_000
+
+
 def resolve_roles(cfg: Config) -> Roles:
-    have_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    auto = 1.0 if have_gpus else 0.0
+    """The plan for the cluster Ray reports; PlacementError if a fixed machine cannot hold it."""
+    nodes = [nd for nd in ray.nodes() if nd.get("Alive")]
+    roles = plan_roles(cfg.cluster, [nd["Resources"].get("GPU", 0.0) for nd in nodes])
     c = cfg.cluster
-    pick = lambda v: auto if v < 0 else v  # noqa: E731
-    roles = Roles(pick(c.learner_gpus), c.learner_cpus, pick(c.rollout_gpus), pick(c.reward_gpus))
     asked = roles.learner_gpus + c.num_rollout_workers * roles.rollout_gpus + c.num_reward_workers * roles.reward_gpus
     total = ray.cluster_resources().get("GPU", 0)
-    if asked > total and not c.address and not os.environ.get("RAY_ADDRESS"):
+    if asked > total + 1e-9 and not c.address and not os.environ.get("RAY_ADDRESS"):
         # On a fixed machine more GPUs can never appear; on a cluster an autoscaler may add them.
         raise PlacementError(f"the run asks for {asked:g} GPUs (cluster.learner_gpus/rollout_gpus/reward_gpus) but this "
-                       f"machine has {total:g}; lower them or join a cluster with --address")
+                             f"machine has {total:g}; lower them, or leave them at -1 to fit the machine")
     return roles
+
+
+def describe(cfg: Config, roles: Roles, nodes: dict[str, str]) -> list[dict[str, Any]]:
+    """The plan as rows for the console and actors.json: role, node, GPU share, CPUs."""
+    n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
+    rows = [("learner", roles.learner_gpus, roles.learner_cpus)]
+    rows += [(f"rollout-{i}", roles.rollout_gpus, 0.0) for i in range(n)]
+    rows += [(f"rewards-{i}", roles.reward_gpus, 0.0) for i in range(r)]
+    return [{"role": role, "node": nodes.get(role, "?"), "gpus": gpus, "cpus": cpus} for role, gpus, cpus in rows]
 
 
 def reserve(cfg: Config, roles: Roles) -> PlacementGroup:

@@ -1,0 +1,98 @@
+"""Placement that fits the machine: the plan for 0, 1, 2 and 4 GPUs and a 3-node cluster
+(a pure function, no Ray), an impossible request as one line, and a default run on a
+one-GPU machine (a Ray node that declares one logical GPU; torch sees none, so every role
+still computes on CPU, which is what the rollout and reward code must then pick).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from learner.config import ClusterConfig, Config
+from learner.placement import PlacementError, Roles, plan_roles, resolve_roles
+
+from conftest import REPO
+from localcluster import started_cluster
+
+
+def fits(roles: Roles, cluster: ClusterConfig, gpus: int) -> bool:
+    """First-fit of every role's share onto ``gpus`` GPUs of one node, as Ray packs fractions:
+    a share below 1 never spans two GPUs."""
+    shares = [roles.learner_gpus] + [roles.rollout_gpus] * cluster.num_rollout_workers \
+        + [roles.reward_gpus] * cluster.num_reward_workers
+    free = [1.0] * gpus
+    for share in sorted(shares, reverse=True):
+        if share >= 1:
+            whole = [i for i, f in enumerate(free) if f == 1.0][:int(share)]
+            if len(whole) < share:
+                return False
+            for i in whole:
+                free[i] = 0.0
+        else:
+            slot = next((i for i, f in enumerate(free) if f >= share - 1e-9), None)
+            if slot is None:
+                return False
+            free[slot] -= share
+    return True
+
+
+def test_no_gpu_puts_every_role_on_cpu():
+    assert plan_roles(ClusterConfig(), [0.0]) == Roles(0.0, 1.0, 0.0, 0.0)
+
+
+def test_one_gpu_is_shared_by_every_role():
+    cluster = ClusterConfig()  # learner + 2 rollout actors + 1 reward actor
+    roles = plan_roles(cluster, [1.0])
+    assert roles.learner_gpus == roles.rollout_gpus == roles.reward_gpus == 0.25
+    assert fits(roles, cluster, 1)
+
+
+@pytest.mark.parametrize("gpus, rollouts, share", [(2, 2, 0.3333), (4, 2, 1.0), (4, 4, 0.5), (2, 1, 0.5)])
+def test_several_gpus_give_the_learner_its_own(gpus: int, rollouts: int, share: float):
+    cluster = ClusterConfig(num_rollout_workers=rollouts)
+    roles = plan_roles(cluster, [float(gpus)])
+    assert roles.learner_gpus == 1.0
+    assert roles.rollout_gpus == roles.reward_gpus == share
+    assert fits(roles, cluster, gpus)
+
+
+def test_multi_node_cluster_gets_one_gpu_per_role():
+    roles = plan_roles(ClusterConfig(), [0.0, 1.0, 1.0])  # a CPU head and two GPU workers
+    assert (roles.learner_gpus, roles.rollout_gpus, roles.reward_gpus) == (1.0, 1.0, 1.0)
+    assert plan_roles(ClusterConfig(), [0.0, 0.0, 0.0]) == Roles(0.0, 1.0, 0.0, 0.0)
+
+
+def test_explicit_settings_win():
+    roles = plan_roles(ClusterConfig(learner_gpus=0.5, reward_gpus=0.0), [1.0])
+    assert (roles.learner_gpus, roles.rollout_gpus, roles.reward_gpus) == (0.5, 0.25, 0.0)
+
+
+def test_more_gpus_than_the_machine_has_is_one_line(ray_local):
+    cfg = Config()
+    cfg.cluster.learner_gpus = 1.0  # the session's Ray declares no GPU
+    with pytest.raises(PlacementError, match=r"asks for 1 GPUs .* this machine has 0") as err:
+        resolve_roles(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(420)
+def test_default_run_completes_on_a_one_gpu_machine(tmp_path: Path, policy_dir: Path, reward_dir: Path,
+                                                    imdb_dir: Path):
+    with started_cluster("rayg-", nodes=1, gpus_per_node=1) as c:
+        cmd = [sys.executable, "-m", "learner.main", "--config", "configs/stand-in-quick.yaml",
+               "--address", c.gcs_address, "--run.steps", "2", "--run.report_queries", "0",
+               "--cluster.placement_timeout_s", "60", "--cluster.call_timeout_s", "120",
+               "--out-dir", str(tmp_path), "--run.name", "one-gpu"]
+        proc = subprocess.run(cmd, cwd=REPO, env=c.env, capture_output=True, text=True, timeout=360)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    plan = json.loads((tmp_path / "one-gpu" / "actors.json").read_text())["plan"]
+    assert {row["role"]: row["gpus"] for row in plan} == {
+        "learner": 0.25, "rollout-0": 0.25, "rollout-1": 0.25, "rewards-0": 0.25}
+    assert "learner" in out and "0.25 GPU" in out  # the plan is printed at start
+    assert len((tmp_path / "one-gpu" / "stats.jsonl").read_text().splitlines()) == 2
