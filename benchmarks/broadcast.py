@@ -182,12 +182,12 @@ def bench_model(label: str, folder: Path, args, backends: list[str]) -> list[dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--actors", type=int, default=2, help="rollout actors (receivers)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="timed broadcasts per model and path")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed broadcasts first")
     parser.add_argument("--models", default="stand-in,gpt2-small", help="comma list of: stand-in, gpt2-small")
-    parser.add_argument("--object-store-gb", type=float, default=1.5)
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--timeout-s", type=float, default=300.0)
+    parser.add_argument("--object-store-gb", type=float, default=1.5, help="Ray object store size")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per actor")
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="longest wait for one broadcast")
     args = parser.parse_args(argv)
 
     ngpu = torch.cuda.device_count()

@@ -96,10 +96,10 @@ def run(policy: Path, reward: Path, device: str, batch: int, steps: int, bf16: b
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--assets", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--assets", type=Path, required=True, help="folder with the policy and reward model folders")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
+    ap.add_argument("--batch", type=int, default=128, help="rollouts per step")
+    ap.add_argument("--device", default="cuda", help="torch device")
     args = ap.parse_args()
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"device: {name}  torch {torch.__version__}  batch {args.batch}", flush=True)

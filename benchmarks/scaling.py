@@ -44,9 +44,9 @@ def run(cluster: LocalCluster, workers: int, steps: int, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="rollout actor counts to measure")
+    ap.add_argument("--steps", type=int, default=6, help="PPO steps per run (the first is not timed)")
+    ap.add_argument("--markdown", type=Path, help="also write the table here")
     args = ap.parse_args()
     rows = []
     with started_cluster("rays-", nodes=NODES) as cluster:
