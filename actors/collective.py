@@ -46,6 +46,7 @@ import hashlib
 import logging
 import socket
 import time
+import urllib.parse
 from typing import Iterable, Sequence
 
 import torch
@@ -91,7 +92,7 @@ def free_port(ipv6: bool = False) -> int:
     the group with a new port.
     """
     with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))  # the wildcard address, as rank 0's TCPStore listens on all interfaces
+        sock.bind(("", 0))  # free on every interface, so free on the node's address the store binds
         return int(sock.getsockname()[1])
 
 
@@ -103,6 +104,28 @@ def local_init_method(host: str | None = None) -> str:
     host = host or node_ip()
     port = free_port(ipv6=":" in host)
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _rendezvous(init_method: str, rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The group's rendezvous store at ``tcp://host:port``. torch's own (``init_method=``) listens
+    on every interface of rank 0's node; here rank 0 listens on ``host`` only, through a socket
+    bound there and handed to the store."""
+    url = urllib.parse.urlsplit(init_method)
+    host, port, timeout = url.hostname, url.port, _dt.timedelta(seconds=timeout_s)
+    if url.scheme != "tcp" or not host or not port:
+        raise ValueError(f"WeightGroup init_method must be tcp://host:port, got {init_method!r}")
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(max(128, world_size))
+    except OSError:
+        sock.close()
+        raise
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
 
 
 # ---------------------------------------------------------------------------- the group
@@ -162,7 +185,8 @@ class WeightGroup:
         try:
             # device_id (NCCL): the communicator is built now, so a bad placement (two ranks on one
             # GPU: "Duplicate GPU detected") fails here rather than at the first broadcast.
-            dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+            dist.init_process_group(backend=backend, store=_rendezvous(init_method, rank, world_size, timeout_s),
+                                    rank=rank, world_size=world_size,
                                     timeout=_dt.timedelta(seconds=timeout_s),
                                     **({"device_id": device} if backend == "nccl" else {}))
         except Exception as err:  # rendezvous timeout, port taken, unreachable host...

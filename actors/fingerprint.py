@@ -21,7 +21,7 @@ def _positions(n: int, device: torch.device) -> torch.Tensor:
     k = min(SLICE, n)
     mid = max(0, n // 2 - k // 2)
     idx = [range(k), range(mid, mid + k), range(n - k, n)]
-    spread = torch.linspace(0, n - 1, k).round().long().tolist()
+    spread = [(n - 1) * j // max(1, k - 1) for j in range(k)]  # integer arithmetic: exact for any n
     return torch.tensor([i for r in idx for i in r] + spread, dtype=torch.long, device=device)
 
 

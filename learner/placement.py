@@ -36,7 +36,7 @@ class PlacementError(RuntimeError):
 def connect(cfg: Config, namespace: str) -> dict[str, Any]:
     """Join the cluster at cluster.address / RAY_ADDRESS, or start Ray on this machine.
 
-    Returns {"dashboard_url", "embedded"}. Embedded Ray declares logical CPUs for every
+    Returns {"dashboard_url"}. Embedded Ray declares logical CPUs for every
     actor of the run (actors that mostly wait cost little; torch threads are set per
     actor), and the GPUs torch sees.
     """
@@ -49,7 +49,6 @@ def connect(cfg: Config, namespace: str) -> dict[str, Any]:
     runtime_env = {"env_vars": env} if env else None
     if address:
         ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
-        embedded = False
     else:
         import torch
 
@@ -58,11 +57,10 @@ def connect(cfg: Config, namespace: str) -> dict[str, Any]:
         ctx = ray.init(num_cpus=max(int(need_cpus + 0.999), os.cpu_count() or 1),
                        num_gpus=torch.cuda.device_count(), namespace=namespace, runtime_env=runtime_env,
                        include_dashboard=True, dashboard_host="127.0.0.1")
-        embedded = True
     url = getattr(ctx, "dashboard_url", None) or ""
     if url and not url.startswith("http"):
         url = f"http://{url}"
-    return {"dashboard_url": url, "embedded": embedded}
+    return {"dashboard_url": url}
 
 
 @dataclass

@@ -223,7 +223,7 @@ class PPOLearner:
 
         ``behaviour_logprobs`` (B, Lr_i), when given, are the log-probs of the policy that
         sampled the responses and serve as the old log-probs: with generation overlapped with
-        the previous update (cluster.max_lag=1) that policy is one update behind the learner,
+        the previous update (ppo.max_lag=1) that policy is one update behind the learner,
         and the PPO ratio must be taken against it.
         """
         cfg = self.cfg

@@ -329,3 +329,14 @@ def test_a_lost_learner_is_replaced_and_counted():
     new = rec.replace_learner("Died: the actor died unexpectedly")
     assert started == [new] and fleet.learner is new and rec.deaths == 1
     assert rec.pings["learner"]["pid"] == new.pid
+
+
+def test_fingerprint_sees_a_change_in_any_slice_of_a_large_tensor():
+    from actors.fingerprint import fingerprint, same
+
+    big = torch.zeros(2**25 + 3)  # beyond float32's exact integers: indices must stay exact
+    want = fingerprint([big])
+    for i in (0, 2**24 + 1, 2**25 + 2):
+        damaged = big.clone()
+        damaged[i] = 1.0
+        assert not same(fingerprint([damaged]), want), i
