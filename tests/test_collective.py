@@ -18,6 +18,13 @@ from actors.rollout import RolloutSettings, RolloutWorker, tied_duplicates
 TIMEOUT_S = 30.0
 
 
+def _get(refs, timeout: float = 2 * TIMEOUT_S):
+    """ray.get, never unbounded: a lost actor fails the test instead of hanging it."""
+    import ray
+
+    return ray.get(refs, timeout=timeout)
+
+
 def test_header_round_trip_and_layout_checks():
     tensors = [torch.zeros(3, 4), torch.zeros(5, dtype=torch.int64), torch.zeros(2)]
     header = collective.make_header(7, tensors)
@@ -76,51 +83,51 @@ def test_gloo_broadcast_rebuild_and_mismatch(ray_local, policy_dir: Path):
     world = len(workers) + 1
 
     def join_all() -> None:
-        addr = ray.get(sender.address.remote())
-        ray.get([sender.join.remote(addr, world)] +
+        addr = _get(sender.address.remote())
+        _get([sender.join.remote(addr, world)] +
                 [w.join_weight_group.remote(addr, i + 1, world, "gloo", TIMEOUT_S) for i, w in enumerate(workers)],
                 timeout=2 * TIMEOUT_S)
         return addr
 
     def broadcast_and_check(version: int, seed: int) -> None:
-        ray.get(sender.perturb.remote(seed))
-        sent = ray.get(sender.weights.remote())
-        got_versions = ray.get([sender.send.remote(version)] + [w.receive_weights.remote() for w in workers],
+        _get(sender.perturb.remote(seed))
+        sent = _get(sender.weights.remote())
+        got_versions = _get([sender.send.remote(version)] + [w.receive_weights.remote() for w in workers],
                                timeout=2 * TIMEOUT_S)[1:]
         assert got_versions == [version] * len(workers)
-        for got in ray.get([w.get_weights.remote() for w in workers]):
+        for got in _get([w.get_weights.remote() for w in workers]):
             assert set(got) == set(sent)
             for name, value in sent.items():
                 np.testing.assert_array_equal(got[name], value, err_msg=name)
-        assert [p["weight_version"] for p in ray.get([w.ping.remote() for w in workers])] == [version] * len(workers)
+        assert [p["weight_version"] for p in _get([w.ping.remote() for w in workers])] == [version] * len(workers)
 
-    before = ray.get(workers[0].get_weights.remote())
+    before = _get(workers[0].get_weights.remote())
     first = join_all()
     broadcast_and_check(version=3, seed=1)
-    assert not np.array_equal(before["transformer.wte.weight"], ray.get(workers[0].get_weights.remote())[
+    assert not np.array_equal(before["transformer.wte.weight"], _get(workers[0].get_weights.remote())[
         "transformer.wte.weight"])
 
     # A layout mismatch: receivers raise a clear error (no one hangs) and keep their weights and version.
-    held = ray.get(workers[1].get_weights.remote())
+    held = _get(workers[1].get_weights.remote())
     refs = [sender.send.remote(99, drop_last=True)] + [w.receive_weights.remote() for w in workers]
-    ray.get(refs[0], timeout=2 * TIMEOUT_S)
+    _get(refs[0], timeout=2 * TIMEOUT_S)
     for ref in refs[1:]:
         with pytest.raises(ray.exceptions.RayTaskError, match="do not match this receiver"):
-            ray.get(ref, timeout=2 * TIMEOUT_S)
-    assert [p["weight_version"] for p in ray.get([w.ping.remote() for w in workers])] == [3, 3]
-    after = ray.get(workers[1].get_weights.remote())
+            _get(ref, timeout=2 * TIMEOUT_S)
+    assert [p["weight_version"] for p in _get([w.ping.remote() for w in workers])] == [3, 3]
+    after = _get(workers[1].get_weights.remote())
     assert all(np.array_equal(after[k], v) for k, v in held.items())
 
     # The group is still aligned after the mismatch: another broadcast goes through.
     broadcast_and_check(version=4, seed=2)
 
     # Tear down and rebuild on a new port with the same actors (as after an actor restart).
-    ray.get([sender.leave.remote()] + [w.leave_weight_group.remote() for w in workers])
+    _get([sender.leave.remote()] + [w.leave_weight_group.remote() for w in workers])
     second = join_all()
     assert second != first
     broadcast_and_check(version=5, seed=3)
 
-    ray.get([sender.leave.remote()] + [w.leave_weight_group.remote() for w in workers])
+    _get([sender.leave.remote()] + [w.leave_weight_group.remote() for w in workers])
     for actor in [sender, *workers]:
         ray.kill(actor)
 
