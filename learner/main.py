@@ -286,6 +286,7 @@ def train(cfg: Config) -> Path:
         print(f"tuned policy saved to {driver.save_policy()}", flush=True)
     finally:
         ray.shutdown()
+        run.close()  # trackers: flush TensorBoard, finish the W&B run
     # 6. the figure and the before/after table (python -m learner.report RUN_DIR redoes them)
     if cfg.run.report_queries:
         from learner.report import make_report
