@@ -21,12 +21,15 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from modelhost.loading import load_model_and_tokenizer
+from modelhost.process import process_info, resolve_device
+from modelhost.weights import distinct_tensors, numpy_copies, tied_duplicates
 
 logger = logging.getLogger(__name__)
 
@@ -98,31 +101,6 @@ class Rollout:
     """actors.fingerprint of the weights that generated these: the driver checks it against the learner's."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; an explicit cuda device without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"RolloutSettings.device={name!r} but CUDA is not available here")
-    return device
-
-
-def load_policy(policy: str) -> tuple[PreTrainedModel, Any]:
-    """Loads the causal LM (fp32, as the recipe) and its tokenizer from a local folder or the hub."""
-    if Path(policy).is_dir():
-        # A local folder must load; its errors are real and pass through unchanged.
-        return (AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(policy))
-    try:
-        return (AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(policy))
-    except (OSError, ValueError) as exc:
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise OSError(f"policy model {policy!r} is not a local folder and could not be loaded from the hub "
-                      f"({reason}): pass a local save_pretrained folder") from None
-
-
 def draw_lengths_and_seed(settings: RolloutSettings, step: int, shard: int, n: int) -> tuple[list[int], int]:
     """Per-query response lengths and the torch sampling seed, both from (seed, step, shard).
 
@@ -187,26 +165,20 @@ def sample_batch(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return out.sequences, logprobs
 
 
-def tied_duplicates(model: torch.nn.Module) -> set[str]:
-    """state_dict names that alias an earlier entry's storage (GPT-2's lm_head.weight -> wte)."""
-    seen: set[int] = set()
-    duplicates: set[str] = set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            duplicates.add(name)
-        seen.add(tensor.data_ptr())
-    return duplicates
-
-
 class RolloutWorker:
     """Generates (and optionally scores) one shard of a PPO step's queries with the current policy."""
 
     def __init__(self, settings: RolloutSettings, scorers: Sequence[Any] = ()) -> None:
+        """``scorers``: objects with ``score(texts)``, Ray actor handles of such, or the names of
+        such Ray actors in this job's namespace. The driver passes names: Ray 2.60 logs an ERROR
+        ("constructor arguments in the object store and max_restarts > 0") for a restartable
+        actor whose constructor arguments hold actor handles (or anything over 100 KB); names
+        are small plain strings, looked up at the first rollout."""
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.scorers = list(scorers)
         self.device = resolve_device(settings.device)
-        self.model, self.tokenizer = load_policy(settings.policy)
+        self.model, self.tokenizer = load_model_and_tokenizer(AutoModelForCausalLM, settings.policy, "policy model")
         # The recipe pads with EOS (GPT-2 has no pad token); left padding so generation continues each query.
         self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
@@ -257,8 +229,7 @@ class RolloutWorker:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """The policy's state_dict as numpy copies, tied duplicates omitted."""
-        return {name: tensor.detach().cpu().clone().numpy()
-                for name, tensor in self.model.state_dict().items() if name not in self._tied}
+        return numpy_copies(self.model)
 
     # ------------------------------------------------------------ collective weight broadcast
 
@@ -295,8 +266,7 @@ class RolloutWorker:
         group = getattr(self, "_weight_group", None)
         if group is None:
             raise RuntimeError("receive_weights: this rollout worker is in no weight group; call join_weight_group first")
-        tensors = [t for name, t in self.model.state_dict().items() if name not in self._tied]
-        self._weight_version = receive(group, tensors)
+        self._weight_version = receive(group, list(distinct_tensors(self.model).values()))
         logger.debug("received weights version %d", self._weight_version)
         return self._weight_version
 
@@ -335,17 +305,13 @@ class RolloutWorker:
             raise ValueError("rollout() needs a scorer: pass scorers= to RolloutWorker, or call generate()")
         result = self.generate(queries, step, shard)
         start = time.perf_counter()
-        result.scores = self._score(self.scorers[shard % len(self.scorers)], result.texts, timeout_s)
+        result.scores = self._score(self._scorer(shard), result.texts, timeout_s)
         result.score_seconds = time.perf_counter() - start
         return result
 
     def ping(self) -> dict:
         """Where this worker runs, for the driver's start-up log and health checks."""
-        import ray  # only needed here and for scorer handles; the plain class works without Ray
-
-        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"pid": os.getpid(), "node_id": node_id, "device": str(self.device),
-                "weight_version": self._weight_version}
+        return {**process_info(self.device), "weight_version": self._weight_version}
 
     def _checked_queries(self, queries: list[list[int]]) -> list[list[int]]:
         """Plain int lists (a numpy row would turn `query + response` into addition), length-checked."""
@@ -358,6 +324,15 @@ class RolloutWorker:
                 f"query length {longest} + RolloutSettings.response_max_tokens "
                 f"{self.settings.response_max_tokens} exceeds the policy's n_positions {self.max_positions}")
         return queries
+
+    def _scorer(self, shard: int) -> Any:
+        """This shard's scorer; a name is looked up once (Ray keeps the handle valid across restarts)."""
+        i = shard % len(self.scorers)
+        if isinstance(self.scorers[i], str):
+            import ray
+
+            self.scorers[i] = ray.get_actor(self.scorers[i])
+        return self.scorers[i]
 
     @staticmethod
     def _score(scorer: Any, texts: list[str], timeout_s: float) -> list[float]:

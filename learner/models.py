@@ -17,15 +17,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from learner.config import looks_local
+# ModelLoadError and load_pretrained live in the leaf every actor imports; the driver takes them from here.
+from modelhost.loading import ModelLoadError, load_pretrained, quiet_progress_bars
+
+__all__ = ["ModelLoadError", "PolicyWithValueHead", "VALUE_HEAD_FILE", "ValueHead", "load_policy",
+           "load_pretrained", "load_tokenizer", "load_value_head", "save_policy"]
 
 log = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded; the message says what to pass instead."""
 
 
 class ValueHead(nn.Module):
@@ -42,36 +42,14 @@ class ValueHead(nn.Module):
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM and a value head on its last hidden state."""
+    """A causal LM and a value head on its last hidden state: one module, so one
+    ``state_dict`` and one optimizer hold both. The learner runs the two parts itself
+    (``PPOLearner`` applies the LM head at response positions only)."""
 
     def __init__(self, pretrained_model: nn.Module, value_head: ValueHead) -> None:
         super().__init__()
         self.pretrained_model = pretrained_model
         self.v_head = value_head
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns fp32 logits (B, L, V) and values (B, L)."""
-        out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids, output_hidden_states=True, use_cache=False)
-        return out.logits.float(), self.v_head(out.hidden_states[-1])
-
-
-def load_pretrained(cls, name_or_path: str, what: str, **kwargs):
-    """``cls.from_pretrained`` that tries a local folder first and fails in one line.
-
-    A hub look-up without network retries for ~50 s and then raises a long error; a
-    user who meant a local folder wants to hear that instead.
-    """
-    path = Path(name_or_path).expanduser()
-    if looks_local(name_or_path) and not path.is_dir():
-        raise ModelLoadError(f"{what} '{name_or_path}' does not exist: pass an existing save_pretrained folder")
-    try:
-        return cls.from_pretrained(str(path) if path.is_dir() else name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{what} '{name_or_path}' could not be loaded ({first[:200]}): "
-                             "pass a local save_pretrained folder") from err
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -115,20 +93,10 @@ def save_policy(policy: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase,
     """A folder ``transformers.pipeline("text-generation", model=folder)`` loads, plus the value head."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    quiet_progress_bars()  # "Writing model shards" would print in the learner actor's console
     policy.pretrained_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     head = {f"summary.{k}": v.detach().cpu().contiguous() for k, v in policy.v_head.summary.state_dict().items()}
     save_file(head, str(folder / VALUE_HEAD_FILE))
     return folder
 
-
-def lm_weights(policy: PolicyWithValueHead) -> dict[str, torch.Tensor]:
-    """The causal LM's weights for the rollout actors: state_dict without tied duplicates, on CPU."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in policy.pretrained_model.state_dict().items():
-        if tensor.data_ptr() in seen:  # GPT-2's lm_head.weight is the input embedding
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor.detach().to("cpu", copy=True)
-    return out

@@ -218,7 +218,7 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
             # Ray restarts a dead actor; the driver, not Ray, redoes its work (max_task_retries=0),
             # because the restarted actor must first get the current weights.
             max_restarts=cfg.cluster.max_failures,
-        ).remote(rollout_settings, rewards)
+        ).remote(rollout_settings, [f"rewards-{i}" for i in range(r)])  # names, not handles: RolloutWorker says why
         for i in range(n)
     ]
     return Actors(learner, rollouts, rewards)

@@ -12,19 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per position: (B, T, V), (B, T) -> (B, T)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """True entropy of the categorical: logsumexp(l) - sum(softmax(l) * l). (B, T, V) -> (B, T)."""
-    pd = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -61,18 +48,17 @@ def response_mask(query_lens: list[int], response_lens: list[int], offsets: list
 
 
 def kl_rewards(logp_old: torch.Tensor, logp_ref: torch.Tensor, scores: torch.Tensor,
-               mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 3: per-token reward = -beta * kl, plus the score on the last response token.
 
-    Returns (rewards, non_score_rewards, kl), each (B, T). Only the ``kl`` penalty
-    (logp_old - logp_ref) of the reference is defined.
+    kl = logp_old - logp_ref (the reference's ``kl`` penalty, the only one defined).
+    Returns (rewards, non_score_rewards = -beta * kl), each (B, T).
     """
-    kl = logp_old - logp_ref
-    non_score = -beta * kl
+    non_score = -beta * (logp_old - logp_ref)
     rewards = non_score.clone()
     last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)  # (B,) index of the last masked entry
     rewards[torch.arange(len(scores)), last] += scores
-    return rewards, non_score, kl
+    return rewards, non_score
 
 
 def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,

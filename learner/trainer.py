@@ -7,12 +7,13 @@ reference's statistics under the reference's names (plus ``env/*`` and ``time/*`
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +21,9 @@ import torch
 from actors import collective
 from learner import ppo
 from learner.config import PPOConfig
-from learner.models import lm_weights, load_policy, load_tokenizer, save_policy
+from learner.models import load_policy, load_tokenizer, save_policy
+from modelhost.process import process_info, resolve_device
+from modelhost.weights import numpy_copies
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,19 @@ def minibatches(order: Sequence[int], mini_batch_size: int) -> list[torch.Tensor
     return list(torch.split(order, mini_batch_size))
 
 
+def reuse_first(batches: Iterable[torch.Tensor], outputs: TokenOutputs | None
+                ) -> Iterator[tuple[torch.Tensor, TokenOutputs | None]]:
+    """Each minibatch's rows with the outputs it may use instead of its own forward pass.
+
+    ``outputs`` are the rollout pass's with-grad outputs (``_rollout_pass`` keeps them with one
+    minibatch per epoch). Only the very first minibatch runs under the rollout weights, so it
+    gets their rows; every later one gets None: Adam has stepped since.
+    """
+    for idx in batches:
+        yield idx, None if outputs is None else outputs.rows(idx)
+        outputs = None
+
+
 def _scatter(flat: torch.Tensor, sel: torch.Tensor, start: int, width: int) -> torch.Tensor:
     """Values for the True entries of ``sel`` (b, w) into a zero (b, width) tensor whose
     columns start..start+w they fill, keeping grad."""
@@ -138,8 +154,7 @@ class PPOLearner:
                  torch_threads: int = 0, row_order: RowOrder | None = None) -> None:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         torch.manual_seed(seed)
         self.cfg = ppo_cfg
         self.tokenizer = load_tokenizer(policy)
@@ -155,9 +170,19 @@ class PPOLearner:
 
     # ------------------------------------------------------------------ forward passes
 
-    def _forward(self, model: torch.nn.Module, batch: PaddedBatch, with_values: bool,
+    def policy_outputs(self, batch: PaddedBatch) -> TokenOutputs:
+        """The current policy's per-token log-probs, values and entropies on ``batch`` (no grad):
+        the numbers the step computes, for checks from outside."""
+        with torch.no_grad():
+            return self._policy_forward(batch, with_entropy=True)
+
+    def _policy_forward(self, batch: PaddedBatch, with_entropy: bool) -> TokenOutputs:
+        return self._forward(self.model.pretrained_model, batch, self.model.v_head, with_entropy)
+
+    def _forward(self, lm: torch.nn.Module, batch: PaddedBatch, value_head: torch.nn.Module | None = None,
                  with_entropy: bool = False) -> TokenOutputs:
-        """Per-token outputs of ``model`` (the policy or the frozen reference) on ``batch``.
+        """Per-token outputs of the causal LM ``lm`` (the policy's or the frozen reference) on
+        ``batch``, with values when a ``value_head`` is given.
 
         Two savings that leave every number as the reference computes it:
         - rows are grouped by length into ``ppo.length_buckets`` groups, each padded only
@@ -165,54 +190,51 @@ class PPOLearner:
         - the LM head (and log-softmax) runs only where the next token is a response token,
           the only places whose log-probs the step uses.
         """
-        is_policy = model is self.model
-        lm = self.model.pretrained_model if is_policy else model
-        body, head = lm.base_model, lm.get_output_embeddings()
-        lengths = batch.attention_mask.sum(dim=1)
-        order = torch.argsort(lengths, stable=True)
-        width = batch.mask.shape[1]
-        parts: list[TokenOutputs] = []
-        for rows in torch.tensor_split(order, min(self.cfg.length_buckets, len(order))):
-            # The columns holding the group's real tokens (either padding side), nothing more.
-            real = batch.attention_mask[rows].any(dim=0).nonzero()
-            a, b = int(real.min()), int(real.max()) + 1
-            g = PaddedBatch(batch.input_ids[rows, a:b], batch.attention_mask[rows, a:b],
-                            batch.position_ids[rows, a:b], batch.mask[rows, a:b - 1])
-            ids = g.input_ids.to(self.device)
-            sel = g.mask.to(self.device).bool()  # (b, L-1)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                hidden = body(input_ids=ids, attention_mask=g.attention_mask.to(self.device),
-                              position_ids=g.position_ids.to(self.device), use_cache=False).last_hidden_state
-                logits = head(hidden[:, :-1][sel]).float()  # (N, V): response positions only
-                values = self.model.v_head(hidden)[:, :-1].float() if with_values else None
-            # One log-softmax over (N, V) serves the log-probs and, without grad (it is only a
-            # statistic), the entropy -sum(p * log p) = logsumexp(l) - sum(softmax(l) * l).
-            logp_all = torch.log_softmax(logits, dim=-1)
-            logp = _scatter(logp_all.gather(-1, ids[:, 1:][sel].unsqueeze(-1)).squeeze(-1), sel, a, width)
-            values = _place(values, a, width) if with_values else None
-            entropy = None
-            if with_entropy:
-                with torch.no_grad():
-                    entropy = _scatter(-(logp_all.exp() * logp_all).sum(-1), sel, a, width)
-            parts.append(TokenOutputs(logp, values, entropy))
+        order = torch.argsort(batch.attention_mask.sum(dim=1), stable=True)
+        parts = [self._group_forward(lm, batch, rows, value_head, with_entropy)
+                 for rows in torch.tensor_split(order, min(self.cfg.length_buckets, len(order)))]
         inverse = torch.argsort(order).to(self.device)
         cat = lambda xs: None if xs[0] is None else torch.cat(xs)[inverse]  # noqa: E731
         return TokenOutputs(cat([p.logp for p in parts]), cat([p.values for p in parts]),
                             cat([p.entropy for p in parts]))
 
+    def _group_forward(self, lm: torch.nn.Module, batch: PaddedBatch, rows: torch.Tensor,
+                       value_head: torch.nn.Module | None, with_entropy: bool) -> TokenOutputs:
+        """``_forward`` on one group of rows, cropped to the columns that hold its real tokens."""
+        width = batch.mask.shape[1]
+        real = batch.attention_mask[rows].any(dim=0).nonzero()  # either padding side
+        a, b = int(real.min()), int(real.max()) + 1
+        ids = batch.input_ids[rows, a:b].to(self.device)
+        sel = batch.mask[rows, a:b - 1].to(self.device).bool()  # (b, L-1): response positions
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            hidden = lm.base_model(input_ids=ids, attention_mask=batch.attention_mask[rows, a:b].to(self.device),
+                                   position_ids=batch.position_ids[rows, a:b].to(self.device),
+                                   use_cache=False).last_hidden_state
+            logits = lm.get_output_embeddings()(hidden[:, :-1][sel]).float()  # (N, V): response positions only
+            values = None if value_head is None else _place(value_head(hidden)[:, :-1].float(), a, width)
+        # One log-softmax over (N, V) serves the log-probs and, without grad (it is only a
+        # statistic), the entropy -sum(p * log p) = logsumexp(l) - sum(softmax(l) * l).
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = _scatter(logp_all.gather(-1, ids[:, 1:][sel].unsqueeze(-1)).squeeze(-1), sel, a, width)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = _scatter(-(logp_all.exp() * logp_all).sum(-1), sel, a, width)
+        return TokenOutputs(logp, values, entropy)
+
     def _rollout_pass(self, batch: PaddedBatch) -> tuple[TokenOutputs, TokenOutputs | None]:
         """Old log-probs and values (detached) at the rollout weights, and the with-grad outputs
-        the first minibatch may reuse, or None.
+        the first minibatch may reuse (see ``reuse_first``), or None.
 
         With one minibatch per epoch (the recipe) the first minibatch is the whole batch under
         these same weights, so the reference computes the same forward pass twice; here it runs
         once, with grad, and serves both. Otherwise the pass runs without grad.
         """
         if self.cfg.mini_batch_size == self.cfg.batch_size:
-            out = self._forward(self.model, batch, with_values=True, with_entropy=True)
+            out = self._policy_forward(batch, with_entropy=True)
             return TokenOutputs(out.logp.detach(), out.values.detach(), None), out
         with torch.no_grad():
-            return self._forward(self.model, batch, with_values=True), None
+            return self._forward(self.model.pretrained_model, batch, self.model.v_head), None
 
     # ------------------------------------------------------------------ the PPO step
 
@@ -241,7 +263,7 @@ class PPOLearner:
 
         # 1. forward passes (eval mode: dropout off): reference log-probs, old log-probs, old values
         with torch.no_grad():
-            logp_ref = self._forward(self.ref_model, batch, with_values=False).logp
+            logp_ref = self._forward(self.ref_model, batch).logp
         old, reusable = self._rollout_pass(batch)
         logp_old, v_old = old.logp, old.values
         if behaviour_logprobs is not None:
@@ -251,19 +273,17 @@ class PPOLearner:
             _check_finite(what, t[mask.bool()], intact=True)
         beta = float(self.kl_ctl.value)
         # 3. per-token rewards;  4. GAE + whitening
-        rewards, non_score, _ = ppo.kl_rewards(logp_old, logp_ref, scores_t.to(self.device), mask, beta)
+        rewards, non_score = ppo.kl_rewards(logp_old, logp_ref, scores_t.to(self.device), mask, beta)
         values, advantages, returns = ppo.gae_advantages(v_old, rewards, mask, cfg.gamma, cfg.lam)
         timing["time/learner/forward"] = time.perf_counter() - t0
 
         # 5. epochs of minibatch updates, rows in the order self.row_order gives each epoch
         t1 = time.perf_counter()
         mb_stats: list[dict[str, torch.Tensor]] = []
-        for _ in range(cfg.ppo_epochs):
-            for idx in minibatches(self.row_order(cfg.batch_size), cfg.mini_batch_size):
-                # Only the very first minibatch runs under the rollout weights; afterwards Adam has stepped.
-                reuse, reusable = (reusable.rows(idx) if reusable is not None else None), None
-                mb_stats.append(self._train_minibatch(batch.rows(idx), logp_old[idx], values[idx], advantages[idx],
-                                                      returns[idx], intact=not mb_stats, outputs=reuse))
+        epochs = (minibatches(self.row_order(cfg.batch_size), cfg.mini_batch_size) for _ in range(cfg.ppo_epochs))
+        for idx, reused in reuse_first(itertools.chain.from_iterable(epochs), reusable):
+            mb_stats.append(self._train_minibatch(batch.rows(idx), logp_old[idx], values[idx], advantages[idx],
+                                                  returns[idx], intact=not mb_stats, outputs=reused))
         self.version += 1
         timing["time/learner/update"] = time.perf_counter() - t1
 
@@ -277,7 +297,7 @@ class PPOLearner:
     def _train_minibatch(self, mb: PaddedBatch, logp_old: torch.Tensor, v_old: torch.Tensor,
                          advantages: torch.Tensor, returns: torch.Tensor, intact: bool,
                          outputs: TokenOutputs | None = None) -> dict[str, torch.Tensor]:
-        out_new = outputs or self._forward(self.model, mb, with_values=True, with_entropy=True)
+        out_new = outputs or self._policy_forward(mb, with_entropy=True)
         out = ppo.ppo_loss(out_new.logp, logp_old, out_new.values, v_old, advantages, returns,
                            mb.mask.to(self.device), out_new.entropy, self.cfg.cliprange, self.cfg.cliprange_value,
                            self.cfg.vf_coef, self.cfg.ratio_threshold)
@@ -346,10 +366,7 @@ class PPOLearner:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """The causal LM's weights as numpy (zero-copy in Ray's object store), tied copies once."""
-        return {k: v.numpy() for k, v in lm_weights(self.model).items()}
-
-    def save(self, folder: str) -> str:
-        return str(save_policy(self.model, self.tokenizer, folder))
+        return numpy_copies(self.model.pretrained_model)
 
     def export_policy(self) -> dict[str, bytes]:
         """The tuned policy folder as {file name: bytes}, so the driver writes it wherever
@@ -385,9 +402,5 @@ class PPOLearner:
         return self.version, fingerprint(collective.lm_tensors(self.model.pretrained_model))
 
     def ping(self) -> dict:
-        import os
-
-        import ray
-
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"pid": os.getpid(), "node_id": node, "device": str(self.device), "version": self.version}
+        """pid, node, device and weight version, for the driver's start-up log and health checks."""
+        return {**process_info(self.device), "version": self.version}

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoModelForSequenceClassification
+
+from modelhost.loading import load_model_and_tokenizer
+from modelhost.process import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +33,14 @@ class RewardSettings:
     max_length: int = 512
     """Tokenizer truncation, in classifier tokens (DistilBERT has 512 positions)."""
     device: str = "auto"
-    """"auto": cuda if available, else cpu; or any torch device string."""
+    """"auto": cuda if this process sees a GPU, else cpu; or any torch device string."""
     torch_threads: int = 1
-    """torch intra-op threads in the scoring process."""
+    """torch intra-op threads of the scoring process, set once at start-up (the driver gives a
+    reward actor every core: it scores while the rollout actors wait for it)."""
     max_batch_size: int = 256
     """Most texts in one forward pass (the server's merged batches and the scorer's chunks)."""
     max_wait_ms: float = 20.0
     """Server: how long the first queued request waits for others to join its batch."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when this process sees a GPU, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def find_label_index(id2label: dict[int, str], label: str) -> int:
@@ -60,22 +55,6 @@ def find_label_index(id2label: dict[int, str], label: str) -> int:
     return by_name[label]
 
 
-def _load(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and its own tokenizer, from a local folder if `name` is one, else the hub."""
-    source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
-    try:
-        # fp32 explicitly: the reward must not depend on the dtype the checkpoint was saved in.
-        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(
-            f"cannot load reward model {name!r}: not a local folder and the hub failed ({reason}); "
-            f"pass a local save_pretrained folder as RewardSettings.model"
-        ) from error
-    return model, tokenizer
-
-
 class SentimentScorer:
     """Scores texts with a sequence classifier: one padded, no-grad fp32 forward pass per chunk."""
 
@@ -83,7 +62,9 @@ class SentimentScorer:
         self.settings = settings
         torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
-        model, self.tokenizer = _load(settings.model)
+        # fp32 explicitly: the reward must not depend on the dtype the checkpoint was saved in.
+        model, self.tokenizer = load_model_and_tokenizer(AutoModelForSequenceClassification, settings.model,
+                                                         "reward model")
         # Fail at start-up, not at the first score, when the label is missing.
         self.positive_index: int = find_label_index(model.config.id2label, settings.positive_label)
         self.model = model.to(self.device).eval()

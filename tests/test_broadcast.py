@@ -51,6 +51,4 @@ def test_broadcast_then_generate_with_reported_version(ray_local, policy_dir: Pa
 
 def _logprobs(learner: PPOLearner, queries: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
     batch = pad_batch(queries, responses, learner.pad_id)
-    with torch.no_grad():
-        logp = learner._forward(learner.model, batch, with_values=False).logp
-    return logp[batch.mask.bool()]
+    return learner.policy_outputs(batch).logp[batch.mask.bool()]

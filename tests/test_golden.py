@@ -86,13 +86,13 @@ def test_padding_gives_unpadded_outputs(side: str, buckets: int):
     learner = PPOLearner(str(case / "policy"), _ppo_config({**spec["ppo"], "length_buckets": buckets}), device="cpu")
     step = spec["steps"][0]
     batch = pad_batch(step["queries"], step["responses"], learner.pad_id, side)
+    out = learner.policy_outputs(batch)
     with torch.no_grad():
-        out = learner._forward(learner.model, batch, with_values=True, with_entropy=True)
-        logits, values = learner.model(batch.input_ids, batch.attention_mask, batch.position_ids)
+        logits, values = _logits_and_values(learner, batch)
         for b, (q, r) in enumerate(zip(step["queries"], step["responses"])):
             single = pad_batch([q], [r], learner.pad_id)
-            one = learner._forward(learner.model, single, with_values=True, with_entropy=True)
-            l1, v1 = learner.model(single.input_ids, single.attention_mask, single.position_ids)
+            one = learner.policy_outputs(single)
+            l1, v1 = _logits_and_values(learner, single)
             real = batch.attention_mask[b].bool()
             assert torch.allclose(logits[b][real], l1[0], atol=1e-5)  # the model with position ids
             assert torch.allclose(values[b][real], v1[0], atol=1e-5)
@@ -100,3 +100,12 @@ def test_padding_gives_unpadded_outputs(side: str, buckets: int):
             assert torch.equal(batch.mask[b][inner], single.mask[0])
             for name in ("logp", "values", "entropy"):  # the learner's bucketed, response-only pass
                 assert torch.allclose(getattr(out, name)[b][inner], getattr(one, name)[0], atol=1e-5), name
+
+
+def _logits_and_values(learner: PPOLearner, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole policy at every position, as transformers runs it: logits (B, L, V) and the value
+    head on the last hidden state (B, L), with the batch's position ids."""
+    out = learner.model.pretrained_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         position_ids=batch.position_ids, output_hidden_states=True,
+                                         use_cache=False)
+    return out.logits.float(), learner.model.v_head(out.hidden_states[-1])

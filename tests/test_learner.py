@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 from conftest import SHARED
 from learner.config import PPOConfig
 from learner.models import ModelLoadError, VALUE_HEAD_FILE, load_policy
-from learner.trainer import PPOLearner
+from learner.trainer import PPOLearner, TokenOutputs, pad_batch, reuse_first
 
 TINY_TOKENIZER = SHARED / "reference" / "ppo-golden" / "case1" / "policy"
 
@@ -61,7 +61,10 @@ def test_ppo_raises_a_simple_reward(tiny_policy: Path):
 
 def test_saved_policy_loads_in_a_pipeline(tiny_policy: Path, tmp_path: Path):
     learner = PPOLearner(str(tiny_policy), PPOConfig(batch_size=2, mini_batch_size=2), device="cpu")
-    out = Path(learner.save(str(tmp_path / "tuned")))
+    out = tmp_path / "tuned"
+    out.mkdir()
+    for name, data in learner.export_policy().items():  # what the driver writes into the run directory
+        (out / name).write_bytes(data)
     assert (out / VALUE_HEAD_FILE).is_file()
     gen = pipeline("text-generation", model=str(out), device="cpu")
     text = gen("This movie", max_new_tokens=3, do_sample=False)[0]["generated_text"]
@@ -80,12 +83,12 @@ def test_fresh_value_head_is_seeded(tiny_policy: Path):
 
 
 def test_value_head_reads_the_last_hidden_state_after_the_final_layer_norm(tiny_policy: Path):
-    policy, _ = load_policy(str(tiny_policy), seed=0)
-    ids = torch.tensor([[5, 6, 7]])
+    learner = PPOLearner(str(tiny_policy), PPOConfig(batch_size=1, mini_batch_size=1), device="cpu")
+    policy = learner.model
+    values = learner.policy_outputs(pad_batch([[5, 6]], [[7, 8]], learner.pad_id)).values  # (1, 3)
     with torch.no_grad():
-        _, values = policy(ids, torch.ones_like(ids), torch.arange(3)[None])
-        hidden = policy.pretrained_model.transformer(input_ids=ids).last_hidden_state  # after ln_f
-        assert torch.allclose(values, policy.v_head.summary(hidden).squeeze(-1), atol=1e-6)
+        hidden = policy.pretrained_model.transformer(input_ids=torch.tensor([[5, 6, 7, 8]])).last_hidden_state
+        assert torch.allclose(values, policy.v_head.summary(hidden).squeeze(-1)[:, :-1], atol=1e-6)
 
 
 def test_missing_model_path_is_one_line_error(tmp_path: Path):
@@ -120,3 +123,15 @@ def test_behaviour_logprobs_give_ratio_one_without_an_update_in_between(policy_d
     ro2 = worker.generate(queries, step=1, shard=0)
     lagged = learner.step(queries, ro2.responses, [1.0] * 16, ro2.logprobs)
     assert abs(lagged["ppo/policy/ratio_mean"] - 1.0) > 1e-4  # the policy moved since sampling
+
+
+def test_only_the_first_minibatch_reuses_the_rollout_pass():
+    """The rollout pass's outputs serve the very first minibatch (its rows, in its order) and no
+    later one, which runs after Adam has stepped; without them no minibatch reuses anything."""
+    outputs = TokenOutputs(torch.arange(8.0).reshape(4, 2), torch.zeros(4, 2), None)
+    batches = [torch.tensor([2, 0]), torch.tensor([1, 3]), torch.tensor([0, 1])]
+    pairs = list(reuse_first(iter(batches), outputs))
+    assert [idx for idx, _ in pairs] == batches
+    assert pairs[0][1].logp.tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    assert pairs[0][1].entropy is None and [reused for _, reused in pairs[1:]] == [None, None]
+    assert [reused for _, reused in reuse_first(iter(batches), None)] == [None] * 3

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from modelhost.loading import ModelLoadError
 from rewards import RewardServer, RewardSettings, SentimentScorer
 
 POSITIVE_TEXT = "A wonderful, moving film with great acting."
@@ -85,7 +86,7 @@ def test_missing_label_names_the_setting(reward_dir: Path) -> None:
 
 def test_unloadable_hub_id_asks_for_a_local_folder() -> None:
     # HF_HUB_OFFLINE=1 (conftest) makes the hub look-up fail at once.
-    with pytest.raises(OSError, match="local save_pretrained folder") as raised:
+    with pytest.raises(ModelLoadError, match="reward model .* not a local folder .* local save_pretrained folder") as raised:
         SentimentScorer(RewardSettings(model="no-such-org/no-such-reward-model", device="cpu"))
     assert "\n" not in str(raised.value)
 
@@ -221,4 +222,34 @@ def test_ray_server_merges_requests_of_several_actors(ray_local, reward_dir: Pat
     # Fewer passes than callers: at least one pass merged requests of different callers.
     assert stats["forward_passes"] < 3, stats
     for actor in [server, *callers]:
+        ray.kill(actor)
+
+
+@pytest.mark.timeout(300)
+def test_requests_of_two_rollout_actors_are_merged(ray_local, policy_dir: Path, reward_dir: Path) -> None:
+    """Two real rollout actors roll out at once; their score requests reach the reward actor
+    together and are scored in merged passes: more texts per pass than the larger request.
+
+    The actors are spawned as the driver spawns them: restartable, given the reward actor's
+    name (not its handle), and they look it up themselves."""
+    from actors.rollout import RolloutSettings, RolloutWorker
+
+    ray = ray_local
+    # A wide window: the two actors share 2 cores, so one may finish generating a while after the other.
+    settings = settings_for(reward_dir, max_batch_size=256, max_wait_ms=5000)
+    server = ray.remote(RewardServer).options(name="rewards-merging", num_cpus=0, max_concurrency=64,
+                                              max_restarts=1).remote(settings)
+    rollout_settings = RolloutSettings(policy=str(policy_dir), torch_threads=1)
+    workers = [ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=1).remote(rollout_settings, ["rewards-merging"])
+               for _ in range(2)]
+    ray.get([server.ping.remote()] + [w.ping.remote() for w in workers], timeout=180)  # all loaded
+
+    shards = [[[5 + i, 60, 700 + i] for i in range(8)], [[9 + i, 300 + i] for i in range(6)]]
+    rollouts = ray.get([w.rollout.remote(queries, 0, shard, 120.0) for shard, (w, queries)
+                        in enumerate(zip(workers, shards))], timeout=180)
+    stats = ray.get(server.stats.remote(), timeout=60)
+    assert [len(r.scores) for r in rollouts] == [8, 6]
+    assert stats["requests"] == 2
+    assert stats["mean_batch_size"] > max(len(r.texts) for r in rollouts), stats
+    for actor in [server, *workers]:
         ray.kill(actor)

@@ -14,6 +14,7 @@ import torch
 
 from actors import Rollout, RolloutSettings, RolloutWorker
 from actors.rollout import draw_lengths_and_seed, left_pad, sample_batch, sampling_config
+from modelhost.loading import ModelLoadError
 
 OPENINGS = ["This movie was", "I", "The acting in this film is really", "Worst",
             "One of the best films of the", "My wife and I watched", "If you like horror", "Oh dear"]
@@ -186,7 +187,7 @@ def test_bad_queries_and_settings_raise(worker: RolloutWorker):
 
 
 def test_unreachable_hub_id_gives_one_line_error():
-    with pytest.raises(OSError, match="not a local folder .* pass a local save_pretrained folder") as info:
+    with pytest.raises(ModelLoadError, match="policy model .* not a local folder .* pass a local save_pretrained folder") as info:
         RolloutWorker(make_settings("no-such-org/no-such-model"))
     assert "\n" not in str(info.value)
 

@@ -1,0 +1,31 @@
+"""The device a process computes on, and where it runs."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: cuda when torch sees a GPU in this process, else cpu. An explicit cuda
+    device where torch sees none is a one-line error, not a failure at the first tensor.
+
+    A Ray actor that asked for no GPU sees none (Ray empties CUDA_VISIBLE_DEVICES), so
+    ``"auto"`` puts it on the CPU even on a GPU node.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device in this process; "
+                         "use 'auto' or 'cpu'")
+    return device
+
+
+def process_info(device: torch.device | str) -> dict:
+    """pid, Ray node id (None outside Ray) and device: what each actor's ``ping`` reports, for
+    the driver's start-up checks and the run directory's ``actors.json``."""
+    import ray  # here, not at the top: the plain classes also run without Ray
+
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"pid": os.getpid(), "node_id": node_id, "device": str(device)}
