@@ -1,8 +1,9 @@
 """Live run metrics for the Ray dashboard, through ``ray.util.metrics``.
 
 Ray exports them to Prometheus with a ``ray_`` prefix (``ray_ppo_reward_mean``...); the
-dashboard's Metrics view shows them once Grafana is attached (README, "Watching a run").
-The reward actors export ``ppo_reward_batch_size`` themselves.
+dashboard's Metrics view shows them once Grafana is attached (README, "Watching a run"), and
+cluster/grafana/ppo-dashboard.json plots them. The reward actors export
+``ppo_reward_batch_size`` themselves.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from ray.util.metrics import Gauge
 # metric name -> (statistic it shows, description)
 GAUGES = {
     "ppo_reward_mean": ("env/reward_mean", "mean reward of the step's batch"),
+    "ppo_reward_std": ("env/reward_std", "std of the step's rewards"),
     "ppo_kl": ("objective/kl", "mean summed KL(policy || reference) of the responses"),
     "ppo_kl_coef": ("objective/kl_coef", "KL coefficient beta"),
     "ppo_policy_loss": ("ppo/loss/policy", "clipped surrogate loss"),
     "ppo_value_loss": ("ppo/loss/value", "clipped value loss"),
     "ppo_clipfrac": ("ppo/policy/clipfrac", "share of tokens with a clipped ratio"),
+    "ppo_value_clipfrac": ("ppo/val/clipfrac", "share of tokens with a clipped value loss"),
     "ppo_samples_per_second": ("samples_per_second", "rollouts trained on per second"),
     "ppo_tokens_per_second": ("tokens_per_second", "query+response tokens trained on per second"),
     "ppo_step": ("step", "steps done"),

@@ -1,5 +1,5 @@
 """The run directory: the resolved config, one JSON line per step, the batch's texts, and the
-trackers a run is watched with (TensorBoard events when tensorboard is installed)."""
+trackers chosen by ``run.trackers`` (TensorBoard events, W&B; learner/trackers.py)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -7,45 +7,43 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from learner.config import Config
+from learner.trackers import check_trackers, open_trackers
 
 
 class RunDir:
     """config.yaml, stats.jsonl (one line per step), rollouts.jsonl (the batch's texts and
-    scores), TensorBoard events when tensorboard is installed, checkpoints/, policy/."""
+    scores), tensorboard/ and wandb/ when those trackers are chosen, checkpoints/, policy/."""
 
     def __init__(self, cfg: Config) -> None:
+        # A missing tracker package is a settings error: it stops the run before anything starts.
+        trackers = check_trackers(cfg.run.trackers)
         name = cfg.run.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.path = Path(cfg.run.out_dir) / name
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        config = cfg.to_dict()
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self.stats_file = self.path / "stats.jsonl"
         self.rollouts_file = self.path / "rollouts.jsonl"
-        self.tb = _tensorboard(self.path / "tensorboard")
+        self.trackers = open_trackers(trackers, self.path, name, config)
 
     def log_step(self, stats: dict[str, Any], rollouts: dict[str, Any]) -> None:
         with self.stats_file.open("a") as f:
             f.write(json.dumps(stats) + "\n")
         with self.rollouts_file.open("a") as f:
             f.write(json.dumps(rollouts) + "\n")
-        if self.tb is not None:
-            for key, value in stats.items():
-                self.tb.add_scalar(key, value, stats["step"])
-            self.tb.add_histogram("env/rewards", np.asarray(rollouts["scores"]), stats["step"])
-            self.tb.flush()
+        for tracker in self.trackers:
+            tracker.log(stats, list(rollouts.get("scores", [])), int(stats["step"]))
+
+    def close(self) -> None:
+        """Flush and close the trackers (W&B marks its run finished)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def restore_logs(self, ckpt: Path) -> None:
         """Logs as they were at the checkpoint: the steps after it are about to be redone."""
         for name in ("stats.jsonl", "rollouts.jsonl"):
             (self.path / name).write_bytes((ckpt / name).read_bytes())
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional extra: pip install -e '.[tensorboard]'
-        return None
-    return SummaryWriter(str(folder))

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,6 +80,13 @@ class DriverRun:
     returncode: int
     output: str
     metrics: str = ""  # Prometheus text scraped during the run, where the fixture did
+    # What the quick run's fixture saw while the run was live (tests/test_monitoring.py):
+    prometheus: Any = None  # tests/promserver.Prometheus that scraped the run (still serving its data)
+    live_at: float = 0.0  # a unix time when the run was live and Prometheus had scraped every metric
+    started_at: float = 0.0  # unix times the driver started and ended
+    ended_at: float = 0.0
+    dashboard: dict = field(default_factory=dict)  # dashboard API answers: see dashboard_checks
+    ray_metrics_dir: Path | None = None  # a copy of Ray's session metrics/ folder (Prometheus, Grafana files)
 
     def stats(self) -> list[dict]:
         return [json.loads(line) for line in (self.run_dir / "stats.jsonl").read_text().splitlines()]
@@ -91,33 +101,96 @@ def run_driver(args: list[str], out_dir: Path, name: str, timeout: float = 900, 
 
 
 @pytest.fixture(scope="session")
-def quick_run(tmp_path_factory, shared_dir) -> DriverRun:
+def prometheus(tmp_path_factory):
+    """A Prometheus server (tests/promserver.py) that the quick run's fixture starts on Ray's
+    scrape config; stopped at the end of the session. Its ``error`` says why there is none."""
+    from promserver import Prometheus
+
+    server = Prometheus(tmp_path_factory.mktemp("prometheus"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, shared_dir, prometheus) -> DriverRun:
     """The stand-in quick config with 2 rollout actors, run once for every test that reads it.
 
-    While it runs, the Prometheus text that Ray exports on this machine is scraped once the
-    project's metrics appear (the metrics ports are listed in the service discovery file in
-    Ray's session folder; RAY_TMPDIR gives the run its own, short, Ray folder)."""
+    It runs as a user watching it would: TensorBoard (and W&B offline, when wandb is
+    installed) as trackers, a real Prometheus started with the README's command on the
+    scrape config Ray writes into its session folder, and the dashboard told where it is
+    (RAY_PROMETHEUS_HOST). Once the project's metrics appear, the fixture scrapes Ray's
+    Prometheus text itself (the ports are in the service discovery file in Ray's session
+    folder; RAY_TMPDIR gives the run its own, short, Ray folder), asks the dashboard's API
+    for the actors with and without the run's token (a fresh one, not ~/.ray/auth_token),
+    and notes a moment when Prometheus had scraped every metric (``live_at``)."""
+    import importlib.util
+
     out = tmp_path_factory.mktemp("runs")
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # unix socket paths must stay short
+    token = secrets.token_hex(32)
+    (ray_tmp / "auth_token").write_text(token)
+    (ray_tmp / "auth_token").chmod(0o600)
+    trackers = "jsonl,tensorboard" + (",wandb" if importlib.util.find_spec("wandb") else "")
     cmd = [sys.executable, "-m", "learner.main", "--config", "configs/stand-in-quick.yaml",
-           "--cluster.num_rollout_workers", "2", "--out-dir", str(out), "--run.name", "quick"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
+           "--cluster.num_rollout_workers", "2", "--out-dir", str(out), "--run.name", "quick",
+           "--run.trackers", trackers]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_tmp / "auth_token"),
+           "RAY_PROMETHEUS_HOST": prometheus.url, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
-    metrics = ""
+    metrics, live_at, dashboard, dashboard_url, metrics_dir = "", 0.0, {}, "", None
     try:
         for line in proc.stdout:
             lines.append(line)
+            if line.startswith("Ray dashboard: "):
+                dashboard_url = line.split()[2]
+                prometheus.start(ray_tmp / "ray")
             if not metrics and line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 2:
                 metrics = scrape_ray_metrics(ray_tmp, want=("ray_ppo_reward_mean", "ray_ppo_reward_batch_size"),
                                              timeout=60)
+                seen = time.time()
+                dashboard = dashboard_checks(dashboard_url, token)
+                if not prometheus.error and prometheus.scraped_after(seen, timeout=40):
+                    live_at = time.time()
         proc.wait(timeout=900)
+        if (ray_tmp / "ray" / "session_latest" / "metrics").is_dir():
+            metrics_dir = out / "ray-metrics"
+            shutil.copytree(ray_tmp / "ray" / "session_latest" / "metrics", metrics_dir, symlinks=True)
     finally:
         proc.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    run = DriverRun(out / "quick", proc.returncode, "".join(lines), metrics)
+    run = DriverRun(out / "quick", proc.returncode, "".join(lines), metrics, prometheus=prometheus, live_at=live_at,
+                    started_at=started, ended_at=time.time(), dashboard=dashboard, ray_metrics_dir=metrics_dir)
     assert run.returncode == 0, run.output[-3000:]
     return run
+
+
+def dashboard_get(url: str, path: str, token: str | None, timeout: float = 30) -> tuple[int, Any]:
+    """(HTTP status, JSON reply or text) of a GET on the Ray dashboard, with ``Authorization:
+    Bearer <token>`` unless token is None (what ``ray`` clients and the dashboard's own page send)."""
+    req = urllib.request.Request(url + path)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read().decode())
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def dashboard_checks(url: str, token: str) -> dict:
+    """The dashboard API's answers for the live run: its actors (state API, with the token) and
+    the statuses without a token and with a wrong one."""
+    if not url.startswith("http"):
+        return {"error": f"no dashboard URL printed ({url!r})"}
+    path = "/api/v0/actors?limit=1000&detail=true&timeout=20"
+    status, reply = dashboard_get(url, path, token)
+    actors = reply["data"]["result"]["result"] if status == 200 else []
+    return {"url": url, "status": status, "actors": actors, "reply": reply if status != 200 else "",
+            "status_without_token": dashboard_get(url, path, None)[0],
+            "status_wrong_token": dashboard_get(url, path, "not-the-token")[0]}
 
 
 def scrape_ray_metrics(ray_tmp: Path, want: tuple[str, ...], timeout: float) -> str:
