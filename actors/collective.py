@@ -19,8 +19,7 @@ scratch buffers of the sender's sizes, so the sender and the other ranks never h
 its own weights untouched and raises :class:`WeightLayoutError`. The group stays usable.
 
 Both sides must list the same tensors in the same order: the causal LM's ``state_dict``
-order without tied duplicates (``lm_tensors`` on the learner, the rollout worker's own
-``state_dict`` minus ``tied_duplicates``), from the same model class.
+order without tied duplicates (``lm_tensors`` on both sides), from the same model class.
 
 **One group per process, on the default process group.** ``WeightGroup`` calls
 ``dist.init_process_group`` / ``dist.destroy_process_group``; a process can be in one
@@ -52,6 +51,9 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from modelhost.errors import error_lines, first_line
+from modelhost.weights import distinct_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ class WeightGroup:
             if dist.is_initialized():
                 dist.destroy_process_group()
             _reset_group_count()
-            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            lines = error_lines(err)
             # NCCL puts the useful part ("Duplicate GPU detected ...") on its last line.
             detail = "; ".join(dict.fromkeys(lines[:1] + lines[-1:]))
             raise RuntimeError(f"WeightGroup {group_name!r}: rank {rank}/{world_size} could not join {init_method} "
@@ -224,8 +226,7 @@ class WeightGroup:
         try:
             dist.broadcast(buf, src=0)
         except Exception as err:
-            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-            self._broken = f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+            self._broken = f"{type(err).__name__}: {first_line(err)}"[:300]
             raise RuntimeError(f"WeightGroup {self.group_name!r} rank {self.rank}/{self.world_size}: broadcast "
                                f"failed ({self._broken}); a peer died or timed out after {self.timeout_s:g}s: "
                                "destroy this group and build a new one on a new port") from err
@@ -321,18 +322,10 @@ def _reset_group_count() -> None:
 
 
 def lm_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The module's live state_dict tensors (on their device, sharing storage), tied duplicates
-    omitted, in state_dict order: what the learner sends (pass the causal LM,
-    ``policy.pretrained_model``). The same rule as ``learner.models.lm_weights`` and
-    ``actors.rollout.tied_duplicates`` (first name of each storage kept), without the CPU copy."""
-    seen: set[int] = set()
-    out = []
-    for tensor in module.state_dict().values():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out.append(tensor.detach())
-    return out
+    """The module's live tensors without tied duplicates (``modelhost.weights``), in state_dict
+    order: what the learner sends (pass the causal LM, ``policy.pretrained_model``) and what a
+    rollout worker receives into."""
+    return list(distinct_tensors(module).values())
 
 
 def send(group: WeightGroup, version: int, tensors: Sequence[torch.Tensor]) -> None:

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from modelhost.loading import load_model_and_tokenizer
 from modelhost.process import process_info, resolve_device
-from modelhost.weights import distinct_tensors, numpy_copies, tied_duplicates
+from modelhost.weights import numpy_copies, tied_duplicates
 
 logger = logging.getLogger(__name__)
 
@@ -261,12 +261,12 @@ class RolloutWorker:
         the order the learner sends. A layout mismatch raises ``WeightLayoutError`` and leaves the
         weights and version as they were.
         """
-        from actors.collective import receive
+        from actors.collective import lm_tensors, receive
 
         group = getattr(self, "_weight_group", None)
         if group is None:
             raise RuntimeError("receive_weights: this rollout worker is in no weight group; call join_weight_group first")
-        self._weight_version = receive(group, list(distinct_tensors(self.model).values()))
+        self._weight_version = receive(group, lm_tensors(self.model))
         logger.debug("received weights version %d", self._weight_version)
         return self._weight_version
 

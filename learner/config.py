@@ -17,7 +17,6 @@ import difflib
 import io
 import logging
 import math
-import os
 import re
 import sys
 import typing
@@ -29,6 +28,7 @@ import tyro
 import yaml
 
 from actors.rollout import RolloutSettings
+from modelhost.loading import looks_local
 from rewards.scorer import RewardSettings
 
 
@@ -251,11 +251,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def looks_local(value: str) -> bool:
-    # Hub ids are 'name' or 'org/name'; anything else is a path the user meant.
-    return value.startswith((".", "/", "~")) or value.count("/") > 1 or os.path.exists(value)
 
 
 def _check_local(name: str, value: str) -> None:

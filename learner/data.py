@@ -48,6 +48,21 @@ def load_texts(dataset: str, split: str, text_column: str = "text") -> list[str]
     return texts
 
 
+def review_indices(texts: list, min_chars: int) -> list[int]:
+    """Indices of the reviews the recipe prompts with: texts longer than ``min_chars`` characters."""
+    return [i for i, text in enumerate(texts) if isinstance(text, str) and len(text) > min_chars]
+
+
+def first_tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str], lengths: list[int]) -> list[list[int]]:
+    """The first k policy tokens of each text (no special tokens), k from ``lengths``: a query.
+
+    Truncation happens after tokenizing the whole text, so the first k tokens are exactly
+    those of the full review.
+    """
+    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max(lengths))["input_ids"]
+    return [row[:k] for row, k in zip(ids, lengths)]
+
+
 @dataclass
 class DataState:
     """Where the prompt stream stands: the pass over the data and the index in its order."""
@@ -61,7 +76,7 @@ class PromptStream:
 
     def __init__(self, texts: list[str], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                  batch_size: int, seed: int) -> None:
-        self.texts = [t for t in texts if isinstance(t, str) and len(t) > cfg.min_review_chars]
+        self.texts = [texts[i] for i in review_indices(texts, cfg.min_review_chars)]
         if len(self.texts) < batch_size:
             raise ConfigError(f"data.dataset: {len(self.texts)} reviews longer than {cfg.min_review_chars} "
                               f"characters, fewer than one batch (ppo.batch_size={batch_size})")
@@ -89,13 +104,7 @@ class PromptStream:
             self.load_state(DataState(self.state.epoch + 1, 0))
         idx = self._order[self.state.position:self.state.position + self.batch_size]
         self.state.position += self.batch_size
-        return self.queries([self.texts[i] for i in idx], [int(self.query_lens[i]) for i in idx])
-
-    def queries(self, texts: list[str], lengths: list[int]) -> list[list[int]]:
-        # Truncation happens after tokenizing the whole text, so the first k tokens are
-        # exactly those of the full review.
-        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max(lengths))["input_ids"]
-        return [row[:k] for row, k in zip(ids, lengths)]
+        return first_tokens(self.tokenizer, [self.texts[i] for i in idx], [int(self.query_lens[i]) for i in idx])
 
     def load_state(self, state: DataState) -> None:
         if state.epoch != self.state.epoch:

@@ -15,7 +15,8 @@ Writes into the run directory what the reference notebook reported (docs/seed.md
 The CSV keeps the texts raw, so ``query + response`` rebuilds the scored text exactly; the
 markdown strips IMDB's ``<br />`` and escapes ``|`` and newlines for display only.
 
-Importable: ``make_report(run_dir)`` does all of it; ``before_after_rows(cfg, tuned_policy)``
+Importable: ``make_report(run_dir)`` does all of it (warnings go to ``logging``; only the
+command line, ``main``, prints); ``before_after_rows(cfg, tuned_policy)``
 gives the table's rows (with the full scored texts) for other checks.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +36,8 @@ import numpy as np
 
 if TYPE_CHECKING:  # the heavy imports (torch, transformers) wait until they are needed
     from learner.config import Config
+
+log = logging.getLogger(__name__)
 
 FIGURE = "reward.png"
 TABLE_MD = "before_after.md"
@@ -59,35 +63,22 @@ def read_jsonl(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            print(f"warning: {path.name} line {i + 1} is not valid JSON; skipped", file=sys.stderr)
+            log.warning("%s line %d is not valid JSON; skipped", path.name, i + 1)
     return records
 
 
 def load_run_config(run_dir: Path) -> "Config":
     """The run's Config, rebuilt from config.yaml through the same validation as a new run."""
-    from learner.config import ConfigError, HIDDEN, from_overrides, leaves, load_yaml
+    from learner.config import ConfigError, from_overrides, saved_settings
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ReportError(f"{run_dir} has no config.yaml: is it a run directory of python -m learner.main?")
     try:
-        saved = load_yaml(path)
+        return from_overrides(saved_settings(path))
     except ConfigError as err:
-        raise ReportError(str(err).replace("--config: ", "")) from err
-    known = leaves()
-    flat = {}
-    for name, value in saved.items():
-        if name in HIDDEN:
-            continue  # rollout.seed is the run's seed (run.seed), set by the driver
-        if name not in known:
-            # A run written by another version of the project: keep going without it.
-            print(f"warning: {path.name}: unknown setting '{name}' ignored", file=sys.stderr)
-            continue
-        flat[name] = value
-    try:
-        return from_overrides(flat)
-    except ConfigError as err:
-        raise ReportError(f"{path}: {err}") from err
+        message = str(err).replace("--config: ", "")
+        raise ReportError(message if str(path) in message else f"{path}: {message}") from err
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -212,21 +203,18 @@ def held_out_queries(cfg: "Config", tokenizer: Any, n: int, seed: int) -> tuple[
     query = their first k policy tokens, k uniform in [query_min_tokens, query_max_tokens].
     Reviews (without replacement) and k come from numpy's default_rng(seed).
     """
-    from learner.data import load_texts
+    from learner.data import first_tokens, load_texts, review_indices
 
     d = cfg.data
     texts = load_texts(d.dataset, "test", d.text_column)
-    keep = [i for i, t in enumerate(texts) if isinstance(t, str) and len(t) > d.min_review_chars]
+    keep = review_indices(texts, d.min_review_chars)
     if len(keep) < n:
         raise ReportError(f"the test split has {len(keep)} reviews longer than {d.min_review_chars} characters, "
                           f"fewer than --queries {n}")
     rng = np.random.default_rng(seed)
     picked = [keep[i] for i in rng.choice(len(keep), size=n, replace=False)]
     lengths = [int(k) for k in rng.integers(d.query_min_tokens, d.query_max_tokens + 1, size=n)]
-    # As PromptStream.queries: tokenize the whole review, keep the first k tokens.
-    ids = tokenizer([texts[i] for i in picked], add_special_tokens=False, truncation=True,
-                    max_length=max(lengths))["input_ids"]
-    return [row[:k] for row, k in zip(ids, lengths)], picked
+    return first_tokens(tokenizer, [texts[i] for i in picked], lengths), picked
 
 
 def _threads(torch_threads: int | None) -> int:
@@ -238,13 +226,11 @@ def _threads(torch_threads: int | None) -> int:
 def generate_responses(cfg: "Config", policy: str, queries: list[list[int]], seed: int,
                        torch_threads: int | None = None):
     """One Rollout of `policy` on `queries`: the run's sampling settings, seeded by (seed, 0, 0)."""
-    from actors.rollout import RolloutSettings, RolloutWorker
+    import dataclasses
 
-    r = cfg.rollout
-    settings = RolloutSettings(policy=str(policy), response_min_tokens=r.response_min_tokens,
-                               response_max_tokens=r.response_max_tokens, top_k=r.top_k, top_p=r.top_p,
-                               temperature=r.temperature, seed=seed, device=r.device,
-                               torch_threads=_threads(torch_threads))
+    from actors.rollout import RolloutWorker
+
+    settings = dataclasses.replace(cfg.rollout, policy=str(policy), seed=seed, torch_threads=_threads(torch_threads))
     return RolloutWorker(settings).generate(queries, step=0, shard=0)
 
 
@@ -360,7 +346,7 @@ def make_report(run_dir: Path, n_queries: int = 16, seed: int = 0,
     try:
         figure: Path | None = plot_rewards(run_dir, title=f"Reward over PPO steps: {cfg.run.name or run_dir.name}")
     except ReportError as err:
-        print(f"warning: {err}; {FIGURE} not written", file=sys.stderr)
+        log.warning("%s; %s not written", err, FIGURE)
         figure = None
 
     rows = before_after_rows(cfg, run_dir / "policy", n_queries, seed, torch_threads=torch_threads)
@@ -382,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="picks the queries and seeds sampling (default: 0)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         result = make_report(args.run_dir, args.queries, args.seed, torch_threads=args.threads or None)
