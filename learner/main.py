@@ -86,7 +86,8 @@ class Driver:
         actors = placement.spawn(cfg, roles, pg)
         self.fleet = Fleet(actors.learner, actors.rollouts, actors.rewards)
         self.recovery = Recovery(self.fleet, RayCalls(), cfg.cluster.call_timeout_s, cfg.cluster.max_failures,
-                                 start_learner=lambda: placement.spawn_learner(cfg, roles, pg))
+                                 start_learner=lambda: placement.spawn_learner(
+                                     cfg, roles, pg, name=f"learner-{self.recovery.deaths}"))
         self.recovery.start()
         self._record_actors()
         backend = "nccl" if roles.learner_gpus >= 1 and roles.rollout_gpus >= 1 else "gloo"

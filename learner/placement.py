@@ -184,11 +184,12 @@ def threads(cfg: Config) -> tuple[int, int]:
     return cores, max(1, cores // cfg.cluster.num_rollout_workers)
 
 
-def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup) -> Any:
+def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "learner") -> Any:
     """The learner actor in bundle 0, reserving the bundle's CPUs. Ray does not restart it (its
-    state lives in memory): the driver starts a new one here and loads the last checkpoint."""
+    state lives in memory): the driver starts a new one here, under a new name (the dead one's
+    may not be released yet), and loads the last checkpoint."""
     return ray.remote(PPOLearner).options(
-        name="learner", num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus,
+        name=name, num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
     ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=threads(cfg)[0])
 

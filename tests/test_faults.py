@@ -125,7 +125,9 @@ def test_killed_driver_resumes_an_overlapped_run_exactly(tmp_path: Path):
 @pytest.mark.timeout(900)
 def test_killed_rollout_and_reward_actors_are_restarted_each_death_counted_once(tmp_path: Path):
     """4 rollout actors share one reward actor: its death fails every shard in flight, yet
-    counts once; with a budget of 2 deaths the run survives both kills."""
+    counts once; with a budget of 2 deaths the run survives both kills. (A kill that lands
+    while Ray is already restarting the actor may fail no call at all and go uncounted; the
+    fake-actor test in test_recovery.py pins the counting down exactly.)"""
     proc, _ = _kill_at([*SMALL, "--run.steps", "5", "--cluster.num_rollout_workers", "4",
                         "--cluster.max_failures", "2"], tmp_path, "faults", "step 1/5", "rollout-1")
     try:
@@ -137,7 +139,9 @@ def test_killed_rollout_and_reward_actors_are_restarted_each_death_counted_once(
     assert proc.returncode == 0, out[-3000:]
     stats = DriverRun(tmp_path / "faults", 0, out).stats()
     assert [s["step"] for s in stats] == list(range(5))
-    assert stats[-1]["failures"] == 2, out[-3000:]
+    assert 1 <= stats[-1]["failures"] <= 2, out[-3000:]
+    for name in ("rollout-1", "rewards-0"):
+        assert sum(f"{name} died" in line for line in out.splitlines()) <= 1, out[-3000:]
     rollouts = [json.loads(line) for line in (tmp_path / "faults" / "rollouts.jsonl").read_text().splitlines()]
     assert all(len(r["scores"]) == 16 for r in rollouts)  # full batches
     assert all(s["rollout/version_lag"] == 0 and s["rollout/weights_verified"] == 4 for s in stats)
