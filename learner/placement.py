@@ -209,7 +209,7 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
             name=f"rewards-{i}", num_cpus=0, num_gpus=roles.reward_gpus, max_concurrency=64,
             max_restarts=cfg.cluster.max_failures,
             scheduling_strategy=at(1 + n + i),
-        ).remote(reward_settings)
+        ).remote(reward_settings, callers=len(range(i, n, r)))  # rollout actor k scores with replica k % r
         for i in range(r)
     ]
     rollout_settings = replace(cfg.rollout, seed=cfg.run.seed, torch_threads=t)

@@ -39,8 +39,9 @@ class RewardSettings:
     reward actor every core: it scores while the rollout actors wait for it)."""
     max_batch_size: int = 256
     """Most texts in one forward pass (the server's merged batches and the scorer's chunks)."""
-    max_wait_ms: float = 20.0
-    """Server: how long the first queued request waits for others to join its batch."""
+    max_wait_ms: float = 1000.0
+    """Server: the longest the first queued request waits for others to join its pass; a pass
+    starts earlier once every rollout actor of the replica has asked (rewards/server.py)."""
 
 
 def find_label_index(id2label: dict[int, str], label: str) -> int:

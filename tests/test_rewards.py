@@ -131,6 +131,25 @@ def test_server_merges_concurrent_requests(reward_dir: Path,
     assert server.stats()["requests"] == 0 and server.stats()["batch_sizes"] == []
 
 
+def test_pass_starts_once_every_caller_has_asked(reward_dir: Path, one_at_a_time: dict[str, float]) -> None:
+    """With its callers counted, the server merges requests that arrive far apart and starts the
+    pass when the last caller asks, not when the (long) window ends."""
+    server = RewardServer(settings_for(reward_dir, max_wait_ms=20_000), callers=2)
+
+    async def fire() -> tuple[list[list[float]], float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first = asyncio.ensure_future(server.score(TEXTS[:3]))
+        await asyncio.sleep(0.5)  # the second caller asks half a second later
+        results = await asyncio.wait_for(asyncio.gather(first, server.score(TEXTS[3:])), 15)
+        return results, loop.time() - start
+
+    results, seconds = asyncio.run(fire())
+    assert results[0] + results[1] == pytest.approx([one_at_a_time[t] for t in TEXTS], abs=1e-5)
+    assert server.stats()["batch_sizes"] == [len(TEXTS)]
+    assert seconds < 10, "the pass waited for the window instead of the last caller"
+
+
 class FailingOnceServer(RewardServer):
     """Test-only: the first forward pass raises, as a CUDA OOM or a broken model would."""
 
@@ -235,10 +254,11 @@ def test_requests_of_two_rollout_actors_are_merged(ray_local, policy_dir: Path, 
     from actors.rollout import RolloutSettings, RolloutWorker
 
     ray = ray_local
-    # A wide window: the two actors share 2 cores, so one may finish generating a while after the other.
-    settings = settings_for(reward_dir, max_batch_size=256, max_wait_ms=5000)
+    # A wide window: the two actors share 2 cores, so one may finish generating a while after
+    # the other; the pass starts when the second asks (callers=2, as the driver counts them).
+    settings = settings_for(reward_dir, max_batch_size=256, max_wait_ms=60_000)
     server = ray.remote(RewardServer).options(name="rewards-merging", num_cpus=0, max_concurrency=64,
-                                              max_restarts=1).remote(settings)
+                                              max_restarts=1).remote(settings, callers=2)
     rollout_settings = RolloutSettings(policy=str(policy_dir), torch_threads=1)
     workers = [ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=1).remote(rollout_settings, ["rewards-merging"])
                for _ in range(2)]
