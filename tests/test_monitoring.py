@@ -251,3 +251,17 @@ def test_dashboard_api_lists_the_named_actors_with_the_token_and_refuses_without
     assert {a["ray_namespace"] for a in seen["actors"]} == {"ppo-quick"}
     assert seen["status_without_token"] == 401
     assert seen["status_wrong_token"] == 403
+
+
+def test_readme_shows_the_dashboard_screenshots():
+    """The PNGs docs/take_screenshots.py saved from a real run are in docs/ and the README shows them."""
+    section = (REPO / "README.md").read_text().split("## Watching a run")[1].split("## What a run leaves")[0]
+    shown = re.findall(r"!\[[^\]]*\]\((docs/dashboard-[\w-]+\.png)\)", section)
+    assert {"docs/dashboard-token.png", "docs/dashboard-actors.png", "docs/dashboard-jobs.png",
+            "docs/dashboard-job.png"} <= set(shown), shown
+    for path in shown + ["docs/dashboard-overview.png"]:
+        data = (REPO / path).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000, path
+    script = subprocess.run([sys.executable, "docs/take_screenshots.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert script.returncode == 0 and "--out" in script.stdout
