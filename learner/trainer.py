@@ -119,6 +119,9 @@ class NonFiniteError(FloatingPointError):
         super().__init__(what)
         self.what, self.intact = what, intact
 
+    def __reduce__(self):  # both arguments survive the trip to the driver (Ray pickles errors)
+        return type(self), (self.what, self.intact)
+
 
 def _rng_kept_on_stop(step: Callable) -> Callable:
     """A step stopped before any update leaves the RNGs as they were at its start."""

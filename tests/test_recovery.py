@@ -340,3 +340,9 @@ def test_fingerprint_sees_a_change_in_any_slice_of_a_large_tensor():
         damaged = big.clone()
         damaged[i] = 1.0
         assert not same(fingerprint([damaged]), want), i
+
+
+def test_non_finite_error_crosses_the_actor_boundary():
+    """Ray pickles a remote error to the driver: both fields must survive."""
+    err = pickle.loads(pickle.dumps(NonFiniteError("non-finite gradient", intact=True)))
+    assert (err.what, err.intact, str(err)) == ("non-finite gradient", True, "non-finite gradient")
