@@ -15,11 +15,15 @@ actor, and the driver only moves token ids, statistics and files. Each step:
 2. rollout: the batch's queries are split into fixed contiguous shards, one per rollout
    actor; each generates its shard and sends the texts straight to a reward actor, which
    merges concurrent requests into batched forward passes. A shard whose actor (or reward
-   actor) died is redone once Ray has restarted it, with the current weights;
-3. update: the learner runs the reference PPO step on the whole batch;
+   actor) died is redone once Ray has restarted it, with the current weights. Every shard
+   reports a fingerprint of the weights that generated it, checked against the learner's;
+3. update: the learner runs the reference PPO step on the whole batch (with ppo.max_lag=1
+   the next batch is generated meanwhile, by the same weights);
 4. log: one line, one JSON line of statistics, the dashboard metrics; a checkpoint every
    ``run.checkpoint_every`` steps.
-At the end: a last checkpoint and the tuned policy in the run directory.
+At the end: a last checkpoint and the tuned policy in the run directory. A learner that dies
+is replaced in its bundle and continues from the newest good checkpoint, redoing the steps
+since (learner/recovery.py); deaths beyond cluster.max_failures stop the run.
 """
 from __future__ import annotations
 
