@@ -93,6 +93,7 @@ class Driver:
                                  start_learner=lambda: placement.spawn_learner(
                                      cfg, roles, pg, name=f"learner-{self.recovery.deaths}"))
         self.recovery.start()
+        self.plan = placement.describe(cfg, roles, self.recovery.pings)
         self._record_actors()
         backend = "nccl" if roles.learner_gpus >= 1 and roles.rollout_gpus >= 1 else "gloo"
         self.weights = Broadcast(self.fleet, self.recovery, cfg.cluster.weight_broadcast == "collective",
@@ -198,8 +199,9 @@ class Driver:
         return DataState(**vars(self.stream.state)), self.prefetched
 
     def _record_actors(self) -> None:
-        """actors.json: where each actor runs (pid, node, device), for users and the failure tests."""
-        (self.run.path / "actors.json").write_text(json.dumps(self.recovery.pings, indent=1))
+        """actors.json: where each actor runs (pid, node, device, GPU share), for users and the failure tests."""
+        actors = {name: {**self.plan.get(name, {}), **ping} for name, ping in self.recovery.pings.items()}
+        (self.run.path / "actors.json").write_text(json.dumps(actors, indent=1))
 
 
 def step_stats(step: int, rollouts: list[Rollout], sent: Sent, times: tuple[float, float, float, float],
@@ -281,6 +283,9 @@ def train(cfg: Config) -> Path:
     print(f"Ray dashboard: {info['dashboard_url'] or 'not running'}  |  run directory: {run.path}", flush=True)
     try:
         driver = Driver(cfg, run, stream, tokenizer)
+        for name, where in driver.plan.items():
+            print(f"plan: {name:<10} on {where['node']}  {where['gpus']:g} GPU  {where['cpus']:g} CPU  "
+                  f"({where['device']})", flush=True)
         # 3. resume
         start = 0
         if resume_from is not None:

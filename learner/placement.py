@@ -128,13 +128,17 @@ def resolve_roles(cfg: Config) -> Roles:
     return roles
 
 
-def describe(cfg: Config, roles: Roles, nodes: dict[str, str]) -> list[dict[str, Any]]:
-    """The plan as rows for the console and actors.json: role, node, GPU share, CPUs."""
+def describe(cfg: Config, roles: Roles, pings: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """The plan as it landed, per actor: node address, GPU share and CPUs it reserved, device.
+    The driver prints it at start and actors.json records it (with each actor's pid)."""
     n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
-    rows = [("learner", roles.learner_gpus, roles.learner_cpus)]
-    rows += [(f"rollout-{i}", roles.rollout_gpus, 0.0) for i in range(n)]
-    rows += [(f"rewards-{i}", roles.reward_gpus, 0.0) for i in range(r)]
-    return [{"role": role, "node": nodes.get(role, "?"), "gpus": gpus, "cpus": cpus} for role, gpus, cpus in rows]
+    shares = {"learner": (roles.learner_gpus, roles.learner_cpus)}
+    shares.update({f"rollout-{i}": (roles.rollout_gpus, 0.0) for i in range(n)})
+    shares.update({f"rewards-{i}": (roles.reward_gpus, 0.0) for i in range(r)})
+    address = {nd["NodeID"]: nd.get("NodeManagerAddress", "?") for nd in ray.nodes()}
+    return {name: {"node": address.get(pings.get(name, {}).get("node_id"), "?"), "gpus": gpus, "cpus": cpus,
+                   "device": pings.get(name, {}).get("device", "?")}
+            for name, (gpus, cpus) in shares.items()}
 
 
 def reserve(cfg: Config, roles: Roles) -> PlacementGroup:
