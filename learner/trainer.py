@@ -392,6 +392,10 @@ class PPOLearner:
         from learner.checkpoint import unpack_learner
 
         meta, torch_rng = unpack_learner(files, self.model, self.optimizer)
+        # Adam's state carries the saved run's learning rate; this run's setting wins, so
+        # --ppo.learning_rate on --resume takes effect (the moments are kept).
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.learning_rate
         self.kl_ctl.value = meta["kl_coef"]
         self.rng.bit_generator.state = meta["numpy_rng"]
         torch.set_rng_state(torch_rng)

@@ -99,3 +99,26 @@ def test_too_few_rows_for_a_batch(policy_dir: Path):
     tok = AutoTokenizer.from_pretrained(policy_dir)
     with pytest.raises(ConfigError, match=r"3 reviews longer than 200 characters, fewer than one batch"):
         PromptStream(["y" * 300] * 3 + ["short"], tok, DataConfig(), batch_size=8, seed=0)
+
+
+def test_resumed_learner_takes_this_runs_learning_rate():
+    """On --resume, Adam's saved state must not bring back the old learning rate."""
+    import json
+
+    from learner.config import PPOConfig
+    from learner.trainer import PPOLearner
+
+    from conftest import SHARED
+
+    case = SHARED / "reference" / "ppo-golden" / "case1"
+    step = json.loads((case / "case.json").read_text())["steps"][0]
+    n = len(step["queries"])
+    first = PPOLearner(str(case / "policy"), PPOConfig(learning_rate=1e-3, batch_size=n, mini_batch_size=n),
+                       device="cpu")
+    first.step(step["queries"], step["responses"], step["scores"])
+    resumed = PPOLearner(str(case / "policy"), PPOConfig(learning_rate=5e-4, batch_size=n, mini_batch_size=n),
+                         device="cpu")
+    assert resumed.load_state_bytes(first.state_bytes()) == 1
+    stats = resumed.step(step["queries"], step["responses"], step["scores"])
+    assert stats["ppo/learning_rate"] == 5e-4
+    assert resumed.optimizer.state  # Adam's moments came back with the weights
