@@ -156,8 +156,8 @@ class ClusterConfig:
     learner_cpus: float = 1.0
     """CPUs reserved for the learner actor (it does the heavy CPU work when there is no GPU)"""
     torch_threads: int = 0
-    """torch threads of the learner and the reward actors (0: every core of the node: they compute one at a
-    time); rollout actors have their own, rollout.torch_threads"""
+    """torch threads per actor (0: the learner and the reward actors use every core of their node, as they
+    compute one at a time; rollout actors, which generate at the same time, cores / num_rollout_workers)"""
     weight_broadcast: str = "object_store"
     """how weights reach the rollout actors: object_store (put once, read by every node) or
     collective (torch.distributed broadcast from the learner: NCCL when every member has a GPU, else gloo)"""
@@ -211,10 +211,34 @@ class RunConfig:
 
 
 @dataclass
+class RolloutSection(RolloutSettings):
+    """The rollout actors' own settings (actors.rollout.RolloutSettings). The driver sets the seed
+    (run.seed) and the torch threads (cluster.torch_threads) itself, so they are not offered."""
+
+    seed: tyro.conf.Suppress[int] = 0
+    torch_threads: tyro.conf.Suppress[int] = 1
+
+    def for_actor(self, seed: int, torch_threads: int) -> RolloutSettings:
+        """The plain actor-side dataclass: actors never unpickle a learner type."""
+        return RolloutSettings(**{**dataclasses.asdict(self), "seed": seed, "torch_threads": torch_threads})
+
+
+@dataclass
+class RewardSection(RewardSettings):
+    """The reward actors' own settings (rewards.scorer.RewardSettings). The driver sets the torch
+    threads (cluster.torch_threads) itself, so they are not offered."""
+
+    torch_threads: tyro.conf.Suppress[int] = 1
+
+    def for_actor(self, torch_threads: int) -> RewardSettings:
+        return RewardSettings(**{**dataclasses.asdict(self), "torch_threads": torch_threads})
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutSettings = field(default_factory=RolloutSettings)
-    reward: RewardSettings = field(default_factory=RewardSettings)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    reward: RewardSection = field(default_factory=RewardSection)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -237,7 +261,7 @@ class Config:
                 raise
             except ValueError as err:  # the actor sections' own checks
                 raise ConfigError(f"{section.name}: {err}") from None
-        for name, (typ, _) in leaves().items():
+        for name, (typ, _) in leaves(hidden=True).items():
             value = get_path(self, name)
             if typ is float and not math.isfinite(value):
                 raise ConfigError(f"{name} ({value}) must be a finite number")
@@ -320,7 +344,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner
         base.update(saved_settings(_resumable_config(resume)))
     config_file = _flag_value(args, "config")
     if config_file:
-        base.update(load_yaml(config_file))
+        settings = load_yaml(config_file)
+        offered = leaves()
+        for name in settings:  # what the driver sets itself is no more a YAML setting than a flag
+            if name not in offered:
+                raise _unknown(name, list(offered))
+        base.update(settings)
     default = CommandLine(config_file or "", from_overrides(base, validate=False))
     cli, unknown = _tyro(args, default, prog)
     if unknown:
@@ -375,15 +404,16 @@ def _flag_value(args: list[str], name: str) -> str | None:
     return found
 
 
-def leaves(cls: type = Config, prefix: str = "") -> dict[str, tuple[type, Any]]:
-    """Every leaf setting: dotted name -> (type, default)."""
+def leaves(cls: type = Config, prefix: str = "", hidden: bool = False) -> dict[str, tuple[type, Any]]:
+    """Every setting the command line offers: dotted name -> (type, default). ``hidden=True``
+    adds those the driver sets itself (``tyro.conf.Suppress``), which saved configs hold too."""
     out: dict[str, tuple[type, Any]] = {}
-    hints = typing.get_type_hints(cls)
+    hints, marked = typing.get_type_hints(cls), typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         name, typ = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(typ):
-            out.update(leaves(typ, name + "."))
-        else:
+            out.update(leaves(typ, name + ".", hidden))
+        elif hidden or tyro.conf.Suppress not in typing.get_args(marked[f.name])[1:]:
             out[name] = (typ, f.default if f.default is not dataclasses.MISSING else f.default_factory())
     return out
 
@@ -451,7 +481,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def saved_settings(path: str | Path) -> dict[str, Any]:
     """A run directory's config.yaml as overrides. Settings this version does not know (a run
     of another version) are dropped with a warning rather than refusing the whole run."""
-    known = leaves()
+    known = leaves(hidden=True)
     out = {}
     for name, value in load_yaml(path).items():
         if name in known:
@@ -472,7 +502,7 @@ def _check_resumable_changes(cfg: Config, saved: dict[str, Any], resume: str) ->
     """A resumed run continues in its own directory; what the checkpoint fixes cannot change."""
     run_dir = _resumable_config(resume).parent
     for name in FROZEN_ON_RESUME:
-        if name in saved and get_path(cfg, name) != _coerce(name, leaves()[name][0], saved[name]):
+        if name in saved and get_path(cfg, name) != _coerce(name, leaves(hidden=True)[name][0], saved[name]):
             raise ConfigError(f"{name} cannot change on --resume (the run has {saved[name]!r}, asked "
                               f"{get_path(cfg, name)!r}); start a new run instead")
     set_path(cfg, "run.out_dir", str(run_dir.parent))
@@ -482,7 +512,7 @@ def _check_resumable_changes(cfg: Config, saved: dict[str, Any], resume: str) ->
 def from_overrides(overrides: dict[str, Any], validate: bool = True) -> Config:
     """A Config from the defaults and {dotted name: value} overrides (YAML or a saved run)."""
     cfg = Config()
-    table = leaves()
+    table = leaves(hidden=True)
     for name, value in overrides.items():
         if name not in table:
             raise _unknown(name, list(table))

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -207,7 +207,7 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
     # bundles hold the CPU and the actors ask for none.
     learner = spawn_learner(cfg, roles, pg)
     # The reward actor scores while rollout actors wait for it: it may use every core.
-    reward_settings = replace(cfg.reward, torch_threads=learner_threads)
+    reward_settings = cfg.reward.for_actor(torch_threads=learner_threads)
     rewards = [
         ray.remote(RewardServer).options(
             name=f"rewards-{i}", num_cpus=0, num_gpus=roles.reward_gpus, max_concurrency=64,
@@ -216,7 +216,7 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
         ).remote(reward_settings, callers=len(range(i, n, r)))  # rollout actor k scores with replica k % r
         for i in range(r)
     ]
-    rollout_settings = replace(cfg.rollout, seed=cfg.run.seed, torch_threads=t)
+    rollout_settings = cfg.rollout.for_actor(seed=cfg.run.seed, torch_threads=t)
     rollouts = [
         ray.remote(RolloutWorker).options(
             name=f"rollout-{i}", num_cpus=0, num_gpus=roles.rollout_gpus, scheduling_strategy=at(1 + i),
