@@ -91,7 +91,8 @@ def unpack_learner(files: dict[str, bytes], model: Any, optimizer: Any) -> tuple
     for name, value in meta["optimizer_scalars"].items():
         index, key = name.split("/", 1)
         state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    # Adam's moments come back; its settings (the learning rate) are this run's, not the saved ones.
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return meta, tensors["torch_rng"]
 
 
