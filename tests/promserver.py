@@ -99,18 +99,30 @@ class Prometheus:
         """What a Grafana time-series panel asks for."""
         return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:g}")["result"]
 
-    def scraped_after(self, t: float, timeout: float) -> bool:
-        """True once every target Ray lists has been scraped successfully after unix time ``t``."""
+    def wait_for(self, names: tuple[str, ...], timeout: float) -> float:
+        """The unix time at which an instant query finds samples of every metric in ``names``
+        (0.0 if that does not happen within ``timeout``; ``error`` then says what was missing)."""
         deadline = time.monotonic() + timeout
+        missing = list(names)
         while time.monotonic() < deadline:
+            now = time.time()
             try:
-                targets = self.api("targets", state="active")["activeTargets"]
-            except (OSError, AssertionError, KeyError, ValueError):
-                targets = []
-            if targets and all(tg["health"] == "up" and _unix(tg["lastScrape"]) > t for tg in targets):
-                return True
+                missing = [name for name in names if not self.query(name, at=now)]
+            except (OSError, AssertionError, ValueError) as err:
+                missing = [f"({err})"]
+            if not missing:
+                return now
             time.sleep(1)
-        return False
+        self.error = f"after {timeout:.0f}s Prometheus still had no samples of {missing}; targets: {self.targets()}"
+        return 0.0
+
+    def targets(self) -> list[tuple[str, str, str]]:
+        """(address, health, last error) of each active target."""
+        try:
+            active = self.api("targets", state="active")["activeTargets"]
+        except (OSError, AssertionError, KeyError, ValueError) as err:
+            return [("?", "?", str(err))]
+        return [(t["scrapeUrl"], t["health"], t.get("lastError", "")) for t in active]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -120,12 +132,3 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-
-
-def _unix(rfc3339: str) -> float:
-    """Prometheus's lastScrape ('2026-11-27T12:00:01.123456789Z') as unix time."""
-    import datetime as dt
-
-    head, _, frac = rfc3339.rstrip("Z").partition(".")
-    when = dt.datetime.fromisoformat(head).replace(tzinfo=dt.timezone.utc).timestamp()
-    return when + float(f"0.{frac[:6] or 0}")
