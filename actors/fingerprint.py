@@ -9,7 +9,7 @@ learner, ``RolloutWorker``'s state_dict minus ``tied_duplicates``).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

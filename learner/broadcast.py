@@ -12,8 +12,9 @@ samples from the wrong policy.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from actors.fingerprint import same
 from learner.recovery import Fleet, Recovery, RunError
@@ -44,7 +45,7 @@ class Broadcast:
             self._collective_send()
             weights = None
         else:
-            version_ref, weights = learner.weights.options(num_returns=2).remote()
+            _, weights = learner.weights.options(num_returns=2).remote()  # weights stay in the object store
             fingerprint_ref = learner.weights_fingerprint.remote()
         version, fingerprint = self.recovery.learner_call(fingerprint_ref, "learner weights")
         self.last = Sent(version, weights, fingerprint)
@@ -85,7 +86,7 @@ class Broadcast:
                 return
             except RunError:
                 raise
-            except Exception as err:  # a member died, or the group broke because one did
+            except Exception as err:  # noqa: BLE001 - a member died, or the group broke because one did
                 self.recovery.learner_call(self.fleet.learner.ping.remote(), "the learner")  # LearnerLost if it
                 self.recovery.count_deaths(err, "the collective weight broadcast")
             self.rejoin()

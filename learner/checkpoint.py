@@ -198,7 +198,7 @@ def _readable(name: str, file: Path, data: bytes) -> bool:
 
             with safe_open(str(file), framework="pt") as f:
                 f.keys()
-    except Exception:  # any parse failure: the checkpoint is unusable, whatever the library raised
+    except Exception:  # noqa: BLE001 - any parse failure: the checkpoint is unusable, whatever the library raised
         return False
     return True
 

@@ -27,6 +27,7 @@ since (learner/recovery.py); deaths beyond cluster.max_failures stop the run.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -57,7 +58,7 @@ def shard_bounds(batch_size: int, n: int) -> list[tuple[int, int]]:
     """Fixed contiguous shards: query i always goes to the same actor, whoever is free first,
     so a resumed run samples exactly what the uninterrupted one did."""
     edges = np.linspace(0, batch_size, n + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 def check_models(cfg: Config) -> None:
@@ -121,7 +122,9 @@ class Driver:
         stats = self.recovery.learner_call(update, "PPO step")
         stats.update(step_stats(step, rollouts, sent, (t0, t1, t2, time.perf_counter()), self.cfg.ppo.batch_size))
         stats["failures"] = self.recovery.deaths
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
         self.run.log_step(stats, {"step": step, "scores": scores, "queries": [decode(q) for q in queries],
                                   "responses": [decode(r) for r in responses]})
         self.metrics.record(stats, {f"rollout-{i}": sent.version - r.weight_version for i, r in enumerate(rollouts)})

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,14 @@ class Recovery:
             try:
                 results[i] = self.calls.get(done, self.timeout_s)
                 continue
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - Ray raises many types; is_lost sorts them
                 if not self.is_lost(err):  # a real error in the call, not a lost actor
                     raise RunError(f"{what} on rollout-{i} failed: {one_line(err)}") from None
-                restarted = self.count_deaths(err, f"{what} of rollout-{i}")
+                failure = err
+            restarted = self.count_deaths(failure, f"{what} of rollout-{i}")
             redone[i] += 1
             if redone[i] > self.max_failures + 1:  # lost again and again, yet nobody died
-                raise RunError(f"{what} on rollout-{i} failed {redone[i]} times: {one_line(err)}")
+                raise RunError(f"{what} on rollout-{i} failed {redone[i]} times: {one_line(failure)}")
             resend([int(name.split("-")[1]) for name in restarted if name.startswith("rollout-")])
             pending[calls[i]()] = i
         return [results[i] for i in sorted(results)]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import SHARED
 from learner import checkpoint
 from learner.config import PPOConfig
 from learner.trainer import NonFiniteError, PPOLearner
@@ -133,8 +133,8 @@ def test_a_pickled_payload_in_a_checkpoint_is_refused(tmp_path: Path):
     _set_manifest_entry(newest, "learner.pt", pickle.dumps(_Payload(marker)))
     _, ckpt, notes = checkpoint.find_resumable(run_dir)
     assert ckpt.name == "step-000001"
-    assert notes == ["checkpoint step-000002 is unusable (unexpected file learner.pt: a checkpoint holds only "
-                     "safetensors and JSON); falling back to an older one"]
+    assert notes == [("checkpoint step-000002 is unusable (unexpected file learner.pt: a checkpoint holds only "
+                      "safetensors and JSON); falling back to an older one")]
     # The same payload in place of the tensors file is refused too, and never unpickled.
     newest = _checkpoint(run_dir, 3)
     _set_manifest_entry(newest, "learner.safetensors", pickle.dumps(_Payload(marker)))
@@ -346,3 +346,13 @@ def test_non_finite_error_crosses_the_actor_boundary():
     """Ray pickles a remote error to the driver: both fields must survive."""
     err = pickle.loads(pickle.dumps(NonFiniteError("non-finite gradient", intact=True)))
     assert (err.what, err.intact, str(err)) == ("non-finite gradient", True, "non-finite gradient")
+
+
+def test_a_call_lost_again_and_again_with_nobody_dying_stops():
+    from learner.recovery import RunError
+
+    rec, fleet, _ = _recovery(max_failures=1)
+    fleet.rollouts[0].fail = [Died("unavailable")] * 5
+    with pytest.raises(RunError, match=r"^rollout on rollout-0 failed 3 times: Died: unavailable$"):
+        rec.gather(_rollout_calls(fleet), "rollout", lambda _: None)
+    assert rec.deaths == 0
