@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             screenshots(args, cluster.dashboard_url, cluster.token, job_id)
         finally:
             subprocess.run(["ray", "job", "stop", "--address", cluster.dashboard_url, job_id], env=cluster.env,
-                           capture_output=True, timeout=60)
+                           capture_output=True, timeout=60, check=False)
     return 0
 
 

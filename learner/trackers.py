@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -90,8 +91,6 @@ class WandbTracker:
     the run is written to <run dir>/wandb/offline-run-* for a later ``wandb sync``."""
 
     def __init__(self, folder: Path, run_name: str, config: dict[str, Any]) -> None:
-        import os
-
         import wandb
 
         self.wandb = wandb

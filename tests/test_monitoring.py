@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import subprocess
@@ -237,11 +238,11 @@ def test_missing_tracker_package_stops_the_run_at_start_with_one_line(tmp_path: 
             f"sys.exit(main(['--config', 'configs/stand-in-quick.yaml', '--run.trackers', 'jsonl,wandb', "
             f"'--out-dir', {str(tmp_path)!r}, '--run.name', 'nowandb']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""})
+                          check=False, env={**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("WARNING", "warning"))]
-    assert errors == ["error: run.trackers: 'wandb' needs the wandb package, which is not installed: "
-                      "pip install -e '.[wandb]'"], proc.stderr
+    assert errors == [("error: run.trackers: 'wandb' needs the wandb package, which is not installed: "
+                       "pip install -e '.[wandb]'")], proc.stderr
     assert "Ray dashboard" not in proc.stdout and not (tmp_path / "nowandb").exists()
 
 
@@ -270,5 +271,5 @@ def test_readme_shows_the_dashboard_screenshots():
         data = (REPO / path).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000, path
     script = subprocess.run([sys.executable, "docs/take_screenshots.py", "--help"], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, check=False)
     assert script.returncode == 0 and "--out" in script.stdout
