@@ -8,7 +8,9 @@ from transformers import pipeline
 
 from conftest import DriverRun
 
-pytestmark = pytest.mark.e2e
+# Each test may be the one that starts the shared quick run (about a minute alone, several
+# minutes on a loaded 2-core machine), so each gets its limit.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def test_reward_rises(quick_run: DriverRun):
