@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from modelhost.loading import load_model_and_tokenizer
 from modelhost.process import process_info, resolve_device
-from modelhost.weights import numpy_copies, tied_duplicates
+from modelhost.weights import distinct_tensors, numpy_copies, tied_duplicates
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class RolloutWorker:
         """The fingerprint (actors.fingerprint) of the weights this worker holds now."""
         from actors.fingerprint import fingerprint
 
-        return fingerprint(t for name, t in self.model.state_dict().items() if name not in self._tied)
+        return fingerprint(distinct_tensors(self.model).values())  # the learner's tensors, in its order
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """The policy's state_dict as numpy copies, tied duplicates omitted."""
