@@ -22,22 +22,22 @@ def test_broadcast_then_generate_with_reported_version(ray_local, policy_dir: Pa
     # One PPO update so the learner's weights differ from what the workers loaded from disk.
     queries = [[10 + i, 20 + i, 30] for i in range(8)]
     responses = [[40 + i, 50, 60, 70] for i in range(8)]
-    ray.get(learner.step.remote(queries, responses, [float(i % 3) for i in range(8)]))
+    ray.get(learner.step.remote(queries, responses, [float(i % 3) for i in range(8)]), timeout=120)
 
     version_ref, weights_ref = learner.weights.options(num_returns=2).remote()
-    version = ray.get(version_ref)
+    version = ray.get(version_ref, timeout=120)
     assert version == 1
-    assert ray.get([w.load_weights.remote(weights_ref, version) for w in workers]) == [1, 1]
+    assert ray.get([w.load_weights.remote(weights_ref, version) for w in workers], timeout=120) == [1, 1]
 
-    learner_w = ray.get(weights_ref)
-    for got in ray.get([w.get_weights.remote() for w in workers]):
+    learner_w = ray.get(weights_ref, timeout=120)
+    for got in ray.get([w.get_weights.remote() for w in workers], timeout=120):
         assert set(learner_w) <= set(got)
         for name, value in learner_w.items():
             np.testing.assert_array_equal(got[name], value, err_msg=name)
 
     # Generation reports version 1, and its log-probs are those of the version-1 policy:
     # score the sampled tokens with the learner's model and with the initial one.
-    rollout = ray.get(workers[0].generate.remote(queries[:4], 0, 0))
+    rollout = ray.get(workers[0].generate.remote(queries[:4], 0, 0), timeout=120)
     assert rollout.weight_version == 1
     local = PPOLearner(str(policy_dir), cfg, device="cpu")  # version 0 weights
     before = _logprobs(local, rollout.queries, rollout.responses)

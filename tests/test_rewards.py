@@ -212,7 +212,7 @@ def test_ray_server_merges_requests_of_several_actors(ray_local, reward_dir: Pat
         def fire(self, server: object, requests: list[list[str]]) -> list[list[float]]:
             import ray
 
-            return ray.get([server.score.remote(texts) for texts in requests])
+            return ray.get([server.score.remote(texts) for texts in requests], timeout=120)
 
     # A long window, so requests from separate processes surely land in the same one.
     settings = settings_for(reward_dir, max_batch_size=256, max_wait_ms=1000)
@@ -222,7 +222,7 @@ def test_ray_server_merges_requests_of_several_actors(ray_local, reward_dir: Pat
     # i.e. torch + transformers, ~5 s of CPU per stand-in caller here; hence only two,
     # and the handle is handed over before firing, so that all callers fire together.
     callers = [ray.remote(num_cpus=0)(Caller).remote() for _ in range(2)]
-    ray.get([caller.ready.remote(server) for caller in callers])
+    ray.get([caller.ready.remote(server) for caller in callers], timeout=120)
     where = ray.get(server.ping.remote(), timeout=120)
     assert where["pid"] != os.getpid() and where["node_id"] and where["device"] == "cpu"
 
@@ -235,7 +235,7 @@ def test_ray_server_merges_requests_of_several_actors(ray_local, reward_dir: Pat
     for requests, scores in zip(per_caller + [own], results):
         for texts, got in zip(requests, scores):
             assert got == pytest.approx([one_at_a_time[t] for t in texts], abs=1e-5)
-    stats = ray.get(server.stats.remote())
+    stats = ray.get(server.stats.remote(), timeout=120)
     assert stats["requests"] == 8
     assert stats["forward_passes"] < stats["requests"]
     # Fewer passes than callers: at least one pass merged requests of different callers.
