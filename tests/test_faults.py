@@ -73,6 +73,10 @@ def test_killed_driver_resumes_with_identical_statistics(quick_run: DriverRun, t
     every resumed step with the uninterrupted run of the same seed."""
     _kill_at(["--config", "configs/stand-in-quick.yaml", "--cluster.num_rollout_workers", "2",
               "--run.checkpoint_every", "2"], tmp_path, "killed", "step 5/10", "driver")
+    # What the checkpoint fixes cannot change on resume: one line, exit 2, the run untouched.
+    refused = run_driver(["--resume", str(tmp_path / "killed"), "--ppo.batch_size", "32"], tmp_path, "killed")
+    assert refused.returncode == 2 and "error: ppo.batch_size cannot change on --resume" in refused.output, (
+        refused.output[-2000:])
     resumed = run_driver(["--resume", str(tmp_path / "killed")], tmp_path, "killed")
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "resumed from" in resumed.output and "at step 5" in resumed.output  # checkpoint after step 4
@@ -240,7 +244,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case, args, message, code", [
     ("unknown setting", ["--ppo.learnin_rate", "1e-3"], "unknown setting 'ppo.learnin_rate'; did you mean", 2),
-    ("mistyped value", ["--ppo.ppo_epochs", "four"], "ppo.ppo_epochs: 'four' is not a valid int", 2),
+    ("mistyped value", ["--ppo.ppo_epochs", "four"], "--ppo.ppo_epochs: invalid literal for int() with base 10", 2),
     ("missing model folder", ["--policy", "/no/such/model"], "rollout.policy: '/no/such/model' does not exist", 2),
     ("missing dataset folder", ["--dataset", "./no/such/data"], "data.dataset: './no/such/data' does not exist", 2),
     ("no text column", ["--dataset", "{textless}"], "data.text_column: dataset", 2),
