@@ -74,8 +74,8 @@ def test_killed_driver_resumes_with_identical_statistics(quick_run: DriverRun, t
     _kill_at(["--config", "configs/stand-in-quick.yaml", "--cluster.num_rollout_workers", "2",
               "--run.checkpoint_every", "2"], tmp_path, "killed", "step 5/10", "driver")
     # What the checkpoint fixes cannot change on resume: one line, exit 2, the run untouched.
-    refused = run_driver(["--resume", str(tmp_path / "killed"), "--ppo.batch_size", "32"], tmp_path, "killed")
-    assert refused.returncode == 2 and "error: ppo.batch_size cannot change on --resume" in refused.output, (
+    refused = run_driver(["--resume", str(tmp_path / "killed"), "--seed", "5"], tmp_path, "killed")
+    assert refused.returncode == 2 and "error: run.seed cannot change on --resume" in refused.output, (
         refused.output[-2000:])
     resumed = run_driver(["--resume", str(tmp_path / "killed")], tmp_path, "killed")
     assert resumed.returncode == 0, resumed.output[-3000:]
