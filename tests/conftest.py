@@ -57,6 +57,22 @@ def imdb_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, shared_dir: Path) -> Path:
+    """A randomly initialised 2-layer GPT-2 saved with a real tokenizer (the golden case's), no value head."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = AutoTokenizer.from_pretrained(SHARED / "reference" / "ppo-golden" / "case1" / "policy")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray instance for the whole session (a start costs ~5 s).
 

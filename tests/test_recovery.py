@@ -11,27 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from learner import checkpoint
 from learner.config import PPOConfig
 from learner.trainer import NonFiniteError, PPOLearner
 
-TINY_TOKENIZER = SHARED / "reference" / "ppo-golden" / "case1" / "policy"
 CFG = PPOConfig(learning_rate=1e-3, batch_size=8, mini_batch_size=4, ppo_epochs=2, init_kl_coef=0.05)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _batch(k: int) -> tuple[list[list[int]], list[list[int]], list[float]]:
