@@ -48,7 +48,8 @@ def connect(cfg: Config, namespace: str) -> dict[str, Any]:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
     runtime_env = {"env_vars": env} if env else None
     if address:
-        ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
+        ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True,
+                       logging_level=logging.WARNING)
     else:
         import torch
 
@@ -56,7 +57,9 @@ def connect(cfg: Config, namespace: str) -> dict[str, Any]:
         need_cpus = c.learner_cpus + c.num_rollout_workers + c.num_reward_workers
         ctx = ray.init(num_cpus=max(int(need_cpus + 0.999), os.cpu_count() or 1),
                        num_gpus=torch.cuda.device_count(), namespace=namespace, runtime_env=runtime_env,
-                       include_dashboard=True, dashboard_host="127.0.0.1")
+                       include_dashboard=True, dashboard_host="127.0.0.1",
+                       # The driver prints the dashboard's address itself; Ray's INFO lines are noise.
+                       logging_level=logging.WARNING)
     url = getattr(ctx, "dashboard_url", None) or ""
     if url and not url.startswith("http"):
         url = f"http://{url}"

@@ -1,6 +1,7 @@
 """End-to-end: the real entry point on the stand-ins, with 2 rollout actors on embedded Ray."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,13 @@ def test_collective_broadcast_gives_the_same_run(quick_run: DriverRun, tmp_path:
         assert got["rollout/version_lag"] == 0 and got["rollout/weight_version"] == got["step"]
         for key in ("env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/policy/clipfrac"):
             assert got[key] == pytest.approx(want[got["step"]][key], rel=1e-4, abs=1e-6), key
+
+
+def test_console_is_quiet_until_the_first_step(quick_run: DriverRun):
+    """From start to the first step line: the driver's lines and warnings, no progress bar from
+    an actor (transformers' "Loading weights") and no ERROR line when nothing is wrong."""
+    head = quick_run.output.split("\nstep 1/")[0]
+    assert "step 1/" in quick_run.output
+    assert not re.search(r"it/s\]|%\|", head), head[-3000:]
+    assert not re.search(r"\bERROR\b|^\[[^\]]* E \d+ \d+\]", head, re.M), head[-3000:]
+    assert "plan: learner" in head and "Ray dashboard:" in head
