@@ -54,8 +54,11 @@ def test_prometheus_ran_the_readme_command_on_rays_config(quick_run: DriverRun):
     flags = prom.api("status/flags")
     assert flags["config.file"].endswith("/ray/session_latest/metrics/prometheus/prometheus.yml")
     assert flags["web.listen-address"] == f"127.0.0.1:{prom.port}"
-    targets = prom.api("targets", state="active")["activeTargets"]
-    assert targets and {t["labels"]["job"] for t in targets} == {"ray"}, targets  # Ray's file_sd job
+    # What it scraped while the run was live (Ray's session, and so its targets, may be gone by
+    # the time this test runs): Ray's file_sd job, its targets scraped.
+    up = prom.query("up", at=quick_run.live_at)
+    assert up and {s["metric"]["job"] for s in up} == {"ray"}, up
+    assert any(float(s["value"][1]) == 1.0 for s in up), up
 
 
 @pytest.mark.e2e
