@@ -21,7 +21,7 @@ from learner.config import Config, leaves, parse_args
 from conftest import IMDB_DIR, POLICY_DIR, REPO, REWARD_DIR
 
 ENTRY_POINTS = [["-m", "learner.main"], ["-m", "learner.report"]] + [
-    [str(p.relative_to(REPO))] for p in sorted((REPO / "benchmarks").glob("*.py"))]
+    [str(p.relative_to(REPO))] for p in sorted([*(REPO / "benchmarks").glob("*.py"), *(REPO / "docs").glob("*.py")])]
 
 
 def _help(entry: list[str], columns: int = 200) -> str:
