@@ -338,10 +338,10 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner
     checks find is one ConfigError line.
     """
     args = [_expand_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
-    base: dict[str, Any] = {}
     resume = _flag_value(args, "run.resume")
-    if resume:
-        base.update(saved_settings(_resumable_config(resume)))
+    run_dir = _resumable_run_dir(resume) if resume else None
+    saved = saved_settings(run_dir / "config.yaml") if run_dir else {}
+    base = dict(saved)
     config_file = _flag_value(args, "config")
     if config_file:
         settings = load_yaml(config_file)
@@ -356,8 +356,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), list(leaves()) + list(ALIASES))
     cfg = cli.settings
-    if resume:
-        _check_resumable_changes(cfg, base, resume)
+    if run_dir:
+        _check_resumable_changes(cfg, saved, run_dir)
     return cfg.validate()
 
 
@@ -491,16 +491,16 @@ def saved_settings(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def _resumable_config(path: str) -> Path:
+def _resumable_run_dir(path: str) -> Path:
     from learner.checkpoint import find_resumable
 
     run_dir, _, _ = find_resumable(Path(path))
-    return run_dir / "config.yaml"
+    return run_dir
 
 
-def _check_resumable_changes(cfg: Config, saved: dict[str, Any], resume: str) -> None:
-    """A resumed run continues in its own directory; what the checkpoint fixes cannot change."""
-    run_dir = _resumable_config(resume).parent
+def _check_resumable_changes(cfg: Config, saved: dict[str, Any], run_dir: Path) -> None:
+    """A resumed run continues in its own directory; what the checkpoint fixes (the saved run's
+    settings, not a YAML file given now) cannot change."""
     for name in FROZEN_ON_RESUME:
         if name in saved and get_path(cfg, name) != _coerce(name, leaves(hidden=True)[name][0], saved[name]):
             raise ConfigError(f"{name} cannot change on --resume (the run has {saved[name]!r}, asked "
