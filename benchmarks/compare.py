@@ -1,30 +1,37 @@
 """The project against the reference trainer (TRL 0.11.4's legacy PPOTrainer), same work, same machine.
 
     bash benchmarks/setup_reference_env.sh          # once: the reference's own venv
-    python benchmarks/compare.py --markdown benchmarks/results.md
+    python benchmarks/compare.py --markdown benchmarks/results/compare.md --figure benchmarks/results/compare.png
 
-For each seed it runs, one after the other (never both at once: they would share the cores),
+For each seed it runs, one after the other (never two at once: they would share the cores),
 
-- the project: ``python -m learner.main --config CONFIG --run.steps N --run.seed S --out-dir TMP``
-  (HF_HUB_OFFLINE=1), whose ``stats.jsonl`` gives the per-step times and rewards;
+- the project: ``python -m learner.main --config CONFIG --run.steps N --run.seed S --ppo.max_lag L``
+  (HF_HUB_OFFLINE=1) for each L of ``--lags`` (default 0 and 1), whose ``stats.jsonl`` gives the
+  per-step times and rewards;
 - the reference: ``benchmarks/reference_trl.py`` under the reference venv's python, with the
-  same config, steps, seed and extra settings;
+  same config, steps, seed and extra settings; it saves its tuned policy.
 
-then prints a table: samples per second of each (the first step of every run, a warm-up, is left
-out), the ratio project / reference, the time of each phase (generate, score, update), and the mean
-reward of the last 5 steps for each seed with its mean and spread over seeds. ``--markdown FILE``
-writes the same as markdown, with the machine, for BENCHMARKS.md. Both trainers run in fp32 (the
-only precision either has on CPU). Which of the two goes first alternates from seed to seed, so a
-drift in the machine's load does not favour one of them.
+The order alternates from seed to seed, so a drift in the machine's load favours no trainer.
+Then every tuned policy, and the initial one, continues the same ``--eval-queries`` held-out
+TEST-split openings (fixed ``--eval-seed``), scored by the same reward model in this process.
+
+It prints: samples per second of each (the first step of every run, a warm-up, is left out),
+the ratio to the reference, the time of each phase (generate, score, update), per seed the
+training reward of the last 5 steps and the held-out reward, the held-out gains with their
+spread over seeds, and whether the project's gain agrees with the reference's within that
+spread. ``--markdown FILE`` writes the same as markdown, with the machine, for BENCHMARKS.md;
+``--figure FILE`` draws every run's reward against seconds of training. Both trainers run in
+fp32 (the only precision either has on CPU).
 
 Tiny smoke run (a couple of minutes):
 
-    python benchmarks/compare.py --steps 2 --seeds 0 \\
+    python benchmarks/compare.py --steps 2 --seeds 0 1 --eval-queries 32 \\
         --extra-args "--ppo.batch_size 32 --ppo.mini_batch_size 32"
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -53,6 +60,7 @@ class RunResult:
     """One trainer's run for one seed."""
 
     trainer: str
+    """'reference', or 'project' with its ppo.max_lag ('project', 'project max_lag=1')"""
     seed: int
     rows: list[dict[str, Any]]
     """per-step statistics, in order"""
@@ -60,6 +68,10 @@ class RunResult:
     wall_seconds: float
     """the whole subprocess: imports, Ray start-up, model loading, every step, saving"""
     info: dict[str, Any] = field(default_factory=dict)
+    policy: str | None = None
+    """the tuned policy's folder (scored on held-out openings after all runs)"""
+    held_out: dict[str, float] = field(default_factory=dict)
+    """the tuned policy on the held-out openings: mean reward, share of positive rewards"""
 
     @property
     def timed(self) -> list[dict[str, Any]]:
@@ -144,29 +156,35 @@ def fail(what: str, log: Path) -> None:
     sys.exit(f"error: {what} failed; last lines of {log}:\n" + "\n".join(tail))
 
 
-def run_project(args: argparse.Namespace, seed: int, work: Path) -> RunResult:
-    out_dir = work / f"project-seed{seed}"
+def project_label(lag: int) -> str:
+    return "project" if lag == 0 else f"project max_lag={lag}"
+
+
+def run_project(args: argparse.Namespace, seed: int, work: Path, lag: int = 0) -> RunResult:
+    label = project_label(lag)
+    out_dir = work / f"project-lag{lag}-seed{seed}"
     cmd = [sys.executable, "-m", "learner.main", "--config", args.config, "--run.steps", str(args.steps),
-           "--run.seed", str(seed), "--out-dir", str(out_dir), "--run.name", "run",
+           "--run.seed", str(seed), "--out-dir", str(out_dir), "--run.name", "run", "--ppo.max_lag", str(lag),
            *shlex.split(args.extra_args), *shlex.split(args.project_args)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    print(f"project, seed {seed}: {shlex.join(cmd)}", flush=True)
-    log = work / f"project-seed{seed}.log"
-    rc, wall = stream(cmd, env, log, f"project s{seed}")
+    print(f"{label}, seed {seed}: {shlex.join(cmd)}", flush=True)
+    log = work / f"project-lag{lag}-seed{seed}.log"
+    rc, wall = stream(cmd, env, log, f"{label} s{seed}")
     if rc != 0:
-        fail(f"project run (seed {seed}, exit {rc})", log)
+        fail(f"{label} run (seed {seed}, exit {rc})", log)
     run_dir = out_dir / "run"
     rows = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return RunResult("project", seed, rows, int(cfg["ppo"]["batch_size"]), wall,
-                     {"cluster": cfg.get("cluster", {}), "ppo": cfg.get("ppo", {})})
+    return RunResult(label, seed, rows, int(cfg["ppo"]["batch_size"]), wall,
+                     {"cluster": cfg.get("cluster", {}), "ppo": cfg.get("ppo", {})}, policy=str(run_dir / "policy"))
 
 
 def run_reference(args: argparse.Namespace, seed: int, work: Path) -> RunResult:
     out = work / f"reference-seed{seed}.jsonl"
+    policy = work / f"reference-seed{seed}-policy"
     cmd = [str(args.python), str(REPO / "benchmarks" / "reference_trl.py"), "--config", args.config,
            "--steps", str(args.steps), "--seed", str(seed), "--threads", str(args.threads), "--out", str(out),
-           *shlex.split(args.extra_args), *shlex.split(args.reference_args)]
+           "--save-policy", str(policy), *shlex.split(args.extra_args), *shlex.split(args.reference_args)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)  # the reference venv sees nothing of the project's environment
     print(f"reference, seed {seed}: {shlex.join(cmd)}", flush=True)
@@ -177,7 +195,68 @@ def run_reference(args: argparse.Namespace, seed: int, work: Path) -> RunResult:
     lines = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     summary = next(x for x in lines if x.get("summary"))
     rows = [x for x in lines if not x.get("summary")]
-    return RunResult("reference", seed, rows, int(summary["batch_size"]), wall, summary)
+    return RunResult("reference", seed, rows, int(summary["batch_size"]), wall, summary, policy=str(policy))
+
+
+def score_held_out(args: argparse.Namespace, runs: list[RunResult]) -> dict[str, float]:
+    """Every run's tuned policy, and the initial policy, on the same ``--eval-queries`` TEST-split
+    openings (learner.report's recipe, seed ``--eval-seed``), sampled with the same seed and scored
+    by the same reward model, in this process. Fills each run's ``held_out``; returns the initial
+    policy's numbers."""
+    import dataclasses
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from learner.config import parse_args, resolve_local_paths
+    from learner.models import load_tokenizer
+    from learner.report import generate_responses, held_out_queries
+    from rewards.scorer import SentimentScorer
+
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the config's paths are relative to the repository root
+    try:
+        cfg = resolve_local_paths(parse_args(["--config", args.config, *shlex.split(args.extra_args)]))
+    finally:
+        os.chdir(cwd)
+    queries, _ = held_out_queries(cfg, load_tokenizer(cfg.policy), args.eval_queries, args.eval_seed)
+    scorer = SentimentScorer(dataclasses.replace(cfg.reward, torch_threads=args.threads))
+
+    def score(policy: str) -> dict[str, float]:
+        rewards = np.array(scorer.score(generate_responses(cfg, policy, queries, args.eval_seed, args.threads).texts))
+        return {"mean": float(rewards.mean()), "positive": float((rewards > 0).mean())}
+
+    initial = score(cfg.policy)
+    for run in runs:
+        run.held_out = score(run.policy)
+        print(f"  held-out: {run.trainer} seed {run.seed}: mean reward {initial['mean']:+.3f} -> "
+              f"{run.held_out['mean']:+.3f}, positive {initial['positive']:.0%} -> {run.held_out['positive']:.0%}",
+              flush=True)
+    return initial
+
+
+def figure(runs: list[RunResult], path: Path, title: str) -> None:
+    """Training reward (batch mean, each step) against seconds of training, every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run in runs:
+        colour = colours.setdefault(run.trainer, f"C{len(colours)}")
+        seconds = list(itertools.accumulate(r["time/step"] for r in run.rows))
+        ax.plot(seconds, [r["env/reward_mean"] for r in run.rows], color=colour, alpha=0.75, linewidth=1.2,
+                label=run.trainer if sum(r.trainer == run.trainer for r in runs[:runs.index(run) + 1]) == 1 else None)
+    ax.set_xlabel("seconds of training (start-up not counted)")
+    ax.set_ylabel("reward: mean of the step's batch")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def mean_sd(xs: list[float], fmt: str = "{:.2f}") -> str:
@@ -188,33 +267,85 @@ def mean_sd(xs: list[float], fmt: str = "{:.2f}") -> str:
             f"({fmt.format(min(xs))}..{fmt.format(max(xs))})")
 
 
-def tables(proj: list[RunResult], ref: list[RunResult]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-    """(header, rows) of the speed table and of the per-seed table."""
-    n_timed = len(proj[0].timed)
-    warm = "without the first step" if n_timed < len(proj[0].rows) else "all steps"
-    speed_head = ["", "project", "reference", "project / reference"]
-    sps_p = [r.samples_per_second for r in proj]
-    sps_r = [r.samples_per_second for r in ref]
-    ratios = [p / r for p, r in zip(sps_p, sps_r)]
-    speed = [[f"samples/s ({warm}, {n_timed} step{'s' if n_timed != 1 else ''} per run)", mean_sd(sps_p), mean_sd(sps_r), mean_sd(ratios)]]
+def by_trainer(runs: list[RunResult]) -> dict[str, list[RunResult]]:
+    """Runs grouped by trainer, the project's first (in the order run), the reference last."""
+    groups: dict[str, list[RunResult]] = {}
+    for run in sorted(runs, key=lambda r: (r.trainer == "reference", r.seed)):
+        groups.setdefault(run.trainer, []).append(run)
+    return groups
+
+
+Table = tuple[list[str], list[list[str]]]
+
+
+def tables(runs: list[RunResult], initial: dict[str, float] | None) -> dict[str, Table]:
+    """'speed', 'seeds' and (with held-out scores) 'held_out': (header, rows) each."""
+    groups = by_trainer(runs)
+    ref = groups["reference"]
+    projects = [t for t in groups if t != "reference"]
+    n_timed = len(ref[0].timed)
+    warm = "without the first step" if n_timed < len(ref[0].rows) else "all steps"
+    sps = {t: [r.samples_per_second for r in rs] for t, rs in groups.items()}
+    ratios = {t: [p / q for p, q in zip(sps[t], sps["reference"])] for t in projects}
+    speed_head = ["", *groups, *(f"{t} / reference" for t in projects)]
+    speed = [[f"samples/s ({warm}, {n_timed} step{'s' if n_timed != 1 else ''} per run)",
+              *(mean_sd(sps[t]) for t in groups), *(mean_sd(ratios[t]) for t in projects)]]
     names = {"step": "seconds per step", "generate": "  generate", "score": "  score", "update": "  update",
              "other": "  other (step − the three)"}
     for name, label in names.items():
-        p = statistics.fmean(r.phase(name) for r in proj)
-        q = statistics.fmean(r.phase(name) for r in ref)
-        speed.append([label, f"{p:.3f}", f"{q:.3f}", f"{p / q:.2f}" if q > 1e-9 else "–"])
-    speed.append(["wall time per run, start-up included (s)", f"{statistics.fmean(r.wall_seconds for r in proj):.1f}",
-                  f"{statistics.fmean(r.wall_seconds for r in ref):.1f}", ""])
-    seed_head = ["seed", "project samples/s", "reference samples/s", "ratio",
-                 "project reward, last 5 steps", "reference reward, last 5 steps"]
-    seeds = [[str(p.seed), f"{p.samples_per_second:.2f}", f"{r.samples_per_second:.2f}",
-              f"{p.samples_per_second / r.samples_per_second:.2f}", f"{p.reward_last5:+.3f}", f"{r.reward_last5:+.3f}"]
-             for p, r in zip(proj, ref)]
-    if len(proj) > 1:
-        seeds.append(["mean ± sd (min..max)", mean_sd(sps_p), mean_sd(sps_r), mean_sd(ratios),
-                      mean_sd([p.reward_last5 for p in proj], "{:+.3f}"),
-                      mean_sd([r.reward_last5 for r in ref], "{:+.3f}")])
-    return speed_head, speed, seed_head, seeds
+        mean = {t: statistics.fmean(r.phase(name) for r in rs) for t, rs in groups.items()}
+        q = mean["reference"]
+        speed.append([label, *(f"{mean[t]:.3f}" for t in groups),
+                      *(f"{mean[t] / q:.2f}" if q > 1e-9 else "–" for t in projects)])
+    speed.append(["wall time per run, start-up included (s)",
+                  *(f"{statistics.fmean(r.wall_seconds for r in rs):.1f}" for rs in groups.values()),
+                  *("" for _ in projects)])
+
+    seed_head = ["seed", "trainer", "samples/s", "/ reference", "training reward, last 5 steps"]
+    if initial:
+        seed_head += ["held-out reward after", "held-out positive after"]
+    seeds = []
+    for t, rs in groups.items():
+        for r in rs:
+            ratio = r.samples_per_second / next(q for q in ref if q.seed == r.seed).samples_per_second
+            row = [str(r.seed), t, f"{r.samples_per_second:.2f}", f"{ratio:.2f}" if t != "reference" else "",
+                   f"{r.reward_last5:+.3f}"]
+            if initial:
+                row += [f"{r.held_out['mean']:+.3f}", f"{r.held_out['positive']:.1%}"]
+            seeds.append(row)
+        if len(rs) > 1:
+            row = ["mean ± sd", t, mean_sd(sps[t]), mean_sd(ratios[t]) if t != "reference" else "",
+                   mean_sd([r.reward_last5 for r in rs], "{:+.3f}")]
+            if initial:
+                row += [mean_sd([r.held_out["mean"] for r in rs], "{:+.3f}"),
+                        mean_sd([100 * r.held_out["positive"] for r in rs], "{:.1f}") + " %"]
+            seeds.append(row)
+    out = {"speed": (speed_head, speed), "seeds": (seed_head, seeds)}
+    if initial:
+        head = ["trainer", "mean reward before", "mean reward after", "gain", "positive before", "positive after"]
+        rows = [[t, f"{initial['mean']:+.3f}", mean_sd([r.held_out["mean"] for r in rs], "{:+.3f}"),
+                 mean_sd([r.held_out["mean"] - initial["mean"] for r in rs], "{:+.3f}"),
+                 f"{100 * initial['positive']:.1f} %",
+                 mean_sd([100 * r.held_out["positive"] for r in rs], "{:.1f}") + " %"] for t, rs in groups.items()]
+        out["held_out"] = (head, rows)
+    return out
+
+
+def equal_learning(runs: list[RunResult], initial: dict[str, float]) -> str:
+    """Whether each project variant's held-out gain agrees with the reference's within the larger
+    of their spreads over seeds (one line per variant)."""
+    groups = by_trainer(runs)
+    gains = {t: [r.held_out["mean"] - initial["mean"] for r in rs] for t, rs in groups.items()}
+    sd = {t: statistics.stdev(g) if len(g) > 1 else 0.0 for t, g in gains.items()}
+    lines = []
+    for t in (t for t in groups if t != "reference"):
+        diff = statistics.fmean(gains[t]) - statistics.fmean(gains["reference"])
+        spread = max(sd[t], sd["reference"])
+        verdict = "agree" if abs(diff) <= spread else "differ"
+        lines.append(f"{t}: held-out gain {statistics.fmean(gains[t]):+.3f} against the reference's "
+                     f"{statistics.fmean(gains['reference']):+.3f} (difference {diff:+.3f}, larger sd over seeds "
+                     f"{spread:.3f}): they {verdict}")
+    return "\n".join(lines)
 
 
 def text_table(head: list[str], rows: list[list[str]]) -> str:
@@ -230,16 +361,18 @@ def md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def markdown(args: argparse.Namespace, m: dict[str, Any], proj: list[RunResult], ref: list[RunResult],
-             tabs: tuple, load: tuple[str, str], command: str) -> str:
-    r0 = ref[0].info
-    p0 = proj[0].info
+def markdown(args: argparse.Namespace, m: dict[str, Any], runs: list[RunResult], tabs: dict[str, Table],
+             verdict: str, load: tuple[str, str], command: str) -> str:
+    groups = by_trainer(runs)
+    r0 = groups["reference"][0].info
+    p0 = next(rs[0].info for t, rs in groups.items() if t != "reference")
     ppo = p0.get("ppo", {})
     cluster = p0.get("cluster", {})
-    return "\n".join([
+    parts = [
         "## Speed against the reference trainer",
         "",
-        f"Project (Ray actor/learner, `python -m learner.main`) against TRL {r0.get('trl')}'s legacy `PPOTrainer` "
+        f"Project (Ray actor/learner, `python -m learner.main`, `ppo.max_lag` {', '.join(map(str, args.lags))}) "
+        f"against TRL {r0.get('trl')}'s legacy `PPOTrainer` "
         f"(`benchmarks/reference_trl.py`, one process, batched generation of the whole batch in one `generate` call), "
         f"the same work: `{args.config}`, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}, "
         f"batch {ppo.get('batch_size')} (minibatch {ppo.get('mini_batch_size')}, {ppo.get('ppo_epochs')} PPO epochs), "
@@ -256,17 +389,33 @@ def markdown(args: argparse.Namespace, m: dict[str, Any], proj: list[RunResult],
         f"- load average before / after: {load[0]} / {load[1]}",
         f"- command: `{command}`",
         "",
-        md_table(tabs[0], tabs[1]),
+        md_table(*tabs["speed"]),
         "",
         "Per-phase times are means per step over all runs (first step of each run left out). The project's "
         "generate and score are those of its slowest rollout actor (the actors generate their shards at the "
         "same time); its update is the learner's whole PPO step (no-grad passes and the epochs), as is the "
         "reference's (`PPOTrainer.step`). 'other' is the rest of the step: for the project the weight broadcast "
-        "and Ray's calls, for the reference building the queries.",
+        "and Ray's calls, for the reference building the queries. With `ppo.max_lag=1` the next batch is "
+        "generated during the update, so its phases overlap and 'other' is negative.",
         "",
-        md_table(tabs[2], tabs[3]),
+        md_table(*tabs["seeds"]),
         "",
-    ])
+    ]
+    if "held_out" in tabs:
+        parts += [
+            f"Held-out: {args.eval_queries} TEST-split openings (`learner.report`'s recipe, seed {args.eval_seed}), "
+            "continued by the initial policy and by each run's tuned policy with the same sampling seed, scored by "
+            "the same reward model in one process; 'positive' is the share of rewards above 0. Mean and sd over "
+            "seeds.",
+            "",
+            md_table(*tabs["held_out"]),
+            "",
+            *(f"- {line}" for line in verdict.splitlines()),
+            "",
+        ]
+    if args.figure:
+        parts += [f"![reward against seconds of training]({args.figure.name})", ""]
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,15 +423,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/stand-in.yaml", help="settings file, relative to the repo root")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="PPO steps per run (default: the config's run.steps)")
-    parser.add_argument("--threads", type=int, default=2, help="the reference's torch threads (default 2)")
+    parser.add_argument("--lags", type=int, nargs="+", default=[0, 1], choices=(0, 1),
+                        help="the project's ppo.max_lag values, one run each per seed (default: 0 1)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="the reference's torch threads, and the held-out scoring's (default 2)")
     parser.add_argument("--python", type=Path, default=DEFAULT_VENV / "bin" / "python",
                         help="the reference venv's python (setup_reference_env.sh)")
     parser.add_argument("--extra-args", default="",
                         help="settings passed to both trainers, e.g. '--ppo.batch_size 32 --ppo.mini_batch_size 32'")
     parser.add_argument("--project-args", default="", help="settings for the project only (e.g. '--cluster.num_rollout_workers 1')")
     parser.add_argument("--reference-args", default="", help="settings for the reference only")
+    parser.add_argument("--eval-queries", type=int, default=256,
+                        help="held-out TEST-split openings each tuned policy is scored on (0: none; default 256)")
+    parser.add_argument("--eval-seed", type=int, default=1234, help="which held-out openings, and their sampling seed")
     parser.add_argument("--work-dir", type=Path, default=None, help="run folders and logs (default: a new temp dir)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the results as markdown here")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="draw reward against seconds of training for every run here (PNG)")
     parser.add_argument("--json", type=Path, default=None, help="write every run's per-step rows here")
     args = parser.parse_args(argv)
 
@@ -293,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.config} sets no run.steps: give --steps")
     if not args.python.exists():
         parser.error(f"no reference python at {args.python}: run bash benchmarks/setup_reference_env.sh")
+    if args.eval_queries < 0:
+        parser.error("--eval-queries must be >= 0")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])])
@@ -302,33 +461,43 @@ def main(argv: list[str] | None = None) -> int:
     if float(load_before.split()[0]) > 0.5 * (m["cores"] or 1):
         print(f"warning: load average {load_before.split()[0]} on {m['cores']} cores before starting: other work "
               "shares the cores and the timings will show it", flush=True)
-    print(f"{len(args.seeds)} seeds x 2 trainers, {args.steps} steps each; logs and runs in {work}", flush=True)
+    lags = list(dict.fromkeys(args.lags))
+    print(f"{len(args.seeds)} seeds x {len(lags) + 1} runs (project max_lag {', '.join(map(str, lags))}; reference), "
+          f"{args.steps} steps each; logs and runs in {work}", flush=True)
 
-    proj: list[RunResult] = []
-    ref: list[RunResult] = []
+    runs: list[RunResult] = []
     t0 = time.perf_counter()
+    jobs = [lambda seed, lag=lag: run_project(args, seed, work, lag) for lag in lags]
+    jobs.insert(1, lambda seed: run_reference(args, seed, work))  # project, reference, project max_lag=1
     for i, seed in enumerate(args.seeds):
-        order = (run_project, run_reference) if i % 2 == 0 else (run_reference, run_project)
-        for run in order:
-            result = run(args, seed, work)
-            (proj if result.trainer == "project" else ref).append(result)
+        for job in (jobs if i % 2 == 0 else jobs[::-1]):  # alternate, so a drift in load favours no trainer
+            result = job(seed)
+            runs.append(result)
             print(f"  -> {result.trainer} seed {seed}: {result.samples_per_second:.2f} samples/s, reward last 5 "
                   f"steps {result.reward_last5:+.3f}, {result.wall_seconds:.0f}s in all "
                   f"({time.perf_counter() - t0:.0f}s elapsed)", flush=True)
     load_after = loadavg()
+    initial = score_held_out(args, runs) if args.eval_queries else None
 
-    tabs = tables(proj, ref)
-    print()
-    print(text_table(tabs[0], tabs[1]))
-    print()
-    print(text_table(tabs[2], tabs[3]))
+    tabs = tables(runs, initial)
+    verdict = equal_learning(runs, initial) if initial and len(args.seeds) > 1 else ""
+    for head, rows in tabs.values():
+        print()
+        print(text_table(head, rows))
+    if verdict:
+        print("\n" + verdict)
     print(f"\nload average before / after: {load_before} / {load_after}; runs and logs in {work}")
+    if args.figure:
+        figure(runs, args.figure, f"{args.config}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}, "
+                                  f"{m['cores']} cores ({m['cpu']})")
+        print(f"figure written to {args.figure}")
     if args.markdown:
-        args.markdown.write_text(markdown(args, m, proj, ref, tabs, (load_before, load_after), command))
+        args.markdown.write_text(markdown(args, m, runs, tabs, verdict, (load_before, load_after), command))
         print(f"markdown written to {args.markdown}")
     if args.json:
         args.json.write_text(json.dumps({"machine": m, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "runs": [vars(r) for r in proj + ref]}, indent=1, default=str))
+                                         "held_out_initial": initial, "runs": [vars(r) for r in runs]},
+                                        indent=1, default=str))
         print(f"json written to {args.json}")
     return 0
 

@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed (default: run.seed of the config)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--out", default=None, help="JSON lines file: one line per step, then a summary")
+    parser.add_argument("--save-policy", default=None,
+                        help="save the tuned policy (causal LM and tokenizer, no value head) to this folder")
     args, rest = parser.parse_known_args(argv)
     s, ignored = load_settings(args.config or None, rest)
     steps = args.steps if args.steps is not None else s["run.steps"]
@@ -292,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             "load_seconds": load_seconds, "wall_seconds": time.perf_counter() - t_start, **info,
             "settings": s,
         }
+        if args.save_policy:  # for held-out scoring by the project's own code (benchmarks/compare.py)
+            trainer.model.pretrained_model.save_pretrained(args.save_policy, safe_serialization=True)
+            tokenizer.save_pretrained(args.save_policy)
+            summary["policy"] = str(Path(args.save_policy).resolve())
         if out:
             out.write(json.dumps(summary) + "\n")
         print(f"reference: {summary['samples_per_second']:.1f} samples/s "

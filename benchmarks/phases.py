@@ -1,0 +1,193 @@
+"""The system's step against the sum of its parts run alone, phase by phase.
+
+    python benchmarks/phases.py --config configs/stand-in.yaml --steps 12
+    python benchmarks/phases.py --policy gpt2-small --steps 4 -- --ppo.batch_size 16 --ppo.mini_batch_size 16
+
+Two runs of the same settings, one after the other (never at once: they share the cores):
+
+- **alone**: the plain classes in this one process, without Ray: ``RolloutWorker.generate`` for each
+  shard (the rollout actors' torch threads), ``SentimentScorer.score`` of the whole batch (the reward
+  actor's threads), ``PPOLearner.step`` (the learner's threads) and the in-process weight hand-over
+  (``learner.weights()`` then ``load_weights`` into each worker). The data stream, seeds and thread
+  counts are the ones ``python -m learner.main`` gives its actors;
+- **system**: ``python -m learner.main`` with the same settings; its ``stats.jsonl`` gives the
+  driver's phase times.
+
+It prints, per phase, the median seconds of both (the first step, a warm-up, left out) and the
+system's step against the sum of the parts alone: what is lost between the phases. ``--policy
+gpt2-small`` swaps in a GPT-2-small-sized policy (GPT2Config() defaults, 124M parameters, random
+weights: the hub is unreachable here) with the stand-in's tokenizer, saved to a temporary folder.
+Settings after ``--`` go to both runs, in ``learner.main``'s spelling. ``--json FILE`` keeps the
+per-step rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PHASES = ("broadcast", "generate", "score", "update")
+
+
+def random_gpt2_small(tokenizer_dir: str, folder: Path) -> Path:
+    """A GPT-2-small-sized policy (124M) with random weights and the given tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run_alone(cfg, steps: int) -> list[dict[str, float]]:
+    """The step's parts in this process, each timed alone, with the system's thread counts."""
+    import torch
+
+    from learner.data import PromptStream, load_texts
+    from learner.main import shard_bounds
+    from learner.models import load_tokenizer
+    from learner.placement import threads
+    from learner.trainer import PPOLearner
+    from actors.rollout import RolloutWorker
+    from rewards.scorer import SentimentScorer
+
+    learner_threads, rollout_threads = threads(cfg)
+    n = cfg.cluster.num_rollout_workers
+    stream = PromptStream(load_texts(cfg.data.dataset, cfg.data.split, cfg.data.text_column),
+                          load_tokenizer(cfg.policy), cfg.data, cfg.ppo.batch_size, cfg.run.seed)
+    workers = [RolloutWorker(cfg.rollout.for_actor(seed=cfg.run.seed, torch_threads=rollout_threads))
+               for _ in range(n)]
+    scorer = SentimentScorer(cfg.reward.for_actor(torch_threads=learner_threads))
+    learner = PPOLearner(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads)
+    shards = shard_bounds(cfg.ppo.batch_size, n)
+    rows = []
+    for step in range(steps):
+        torch.set_num_threads(learner_threads)
+        t0 = time.perf_counter()
+        version, weights = learner.weights()
+        loads = []
+        for w in workers:  # the actors load at the same time in the system: the slowest counts
+            t = time.perf_counter()
+            w.load_weights(weights, version)
+            loads.append(time.perf_counter() - t)
+        broadcast = time.perf_counter() - t0 - sum(loads) + max(loads)
+        queries = stream.next_batch()
+        torch.set_num_threads(rollout_threads)
+        rollouts, gens = [], []
+        for i, (a, b) in enumerate(shards):  # concurrent in the system: the slowest shard counts
+            t = time.perf_counter()
+            rollouts.append(workers[i].generate(queries[a:b], step, i))
+            gens.append(time.perf_counter() - t)
+        torch.set_num_threads(learner_threads)
+        t = time.perf_counter()
+        scores = scorer.score([text for ro in rollouts for text in ro.texts])
+        score = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = learner.step(queries, [r for ro in rollouts for r in ro.responses], scores)
+        update = time.perf_counter() - t
+        rows.append({"step": step, "time/broadcast": broadcast, "time/generate": max(gens), "time/score": score,
+                     "time/update": update, "time/learner/forward": stats["time/learner/forward"],
+                     "time/learner/update": stats["time/learner/update"], "env/reward_mean": stats["env/reward_mean"]})
+        print(f"  [alone] step {step + 1}/{steps}  " + "  ".join(f"{p} {rows[-1]['time/' + p]:.3f}s" for p in PHASES),
+              flush=True)
+    return rows
+
+
+def run_system(settings: list[str], steps: int, work: Path) -> list[dict[str, Any]]:
+    cmd = [sys.executable, "-m", "learner.main", *settings, "--run.steps", str(steps), "--run.report_queries", "0",
+           "--run.checkpoint_every", "0", "--out-dir", str(work), "--run.name", "system"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"system: {shlex.join(cmd)}", flush=True)
+    with (work / "system.log").open("w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc:
+        sys.exit(f"error: the system run failed (exit {rc}); see {work / 'system.log'}")
+    return [json.loads(line) for line in (work / "system" / "stats.jsonl").read_text().splitlines() if line.strip()]
+
+
+def median(rows: list[dict[str, Any]], key: str) -> float:
+    timed = rows[1:] if len(rows) > 1 else rows
+    return statistics.median(r[key] for r in timed)
+
+
+def report(alone: list[dict], system: list[dict]) -> dict[str, float]:
+    out = {f"alone/{p}": median(alone, f"time/{p}") for p in PHASES}
+    out.update({f"system/{p}": median(system, f"time/{p}") for p in PHASES})
+    out["alone/sum"] = sum(out[f"alone/{p}"] for p in PHASES)
+    out["system/step"] = median(system, "time/step")
+    out["system/rollout"] = median(system, "time/rollout")
+    out["overhead"] = out["system/step"] - out["alone/sum"]
+    out["overhead_share"] = out["overhead"] / out["system/step"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = argv[argv.index("--") + 1:] if "--" in argv else []
+    ours = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Settings after -- go to both runs, e.g. -- --ppo.batch_size 16")
+    parser.add_argument("--config", default="configs/stand-in.yaml", help="settings file (default: the stand-ins)")
+    parser.add_argument("--steps", type=int, default=12, help="steps of each run; the first is left out (default 12)")
+    parser.add_argument("--policy", default=None,
+                        help="'gpt2-small' for a random 124M policy, or a policy folder (default: the config's)")
+    parser.add_argument("--only", choices=("alone", "system"), default=None, help="run one side only")
+    parser.add_argument("--json", type=Path, default=None, help="write both runs' per-step rows here")
+    args = parser.parse_args(ours)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is a warm-up)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.chdir(REPO)
+
+    from learner.config import ConfigError, parse_args, resolve_local_paths
+
+    with tempfile.TemporaryDirectory(prefix="ppo-phases-") as tmp:
+        work = Path(tmp)
+        full = ["--config", args.config, *settings]
+        try:
+            cfg = resolve_local_paths(parse_args(full))
+        except (ConfigError, SystemExit) as err:
+            sys.exit(f"error: {err}" if isinstance(err, ConfigError) else err.code)
+        if args.policy:
+            policy = (str(random_gpt2_small(cfg.policy, work / "gpt2-small-random")) if args.policy == "gpt2-small"
+                      else str(Path(args.policy).resolve()))
+            full += ["--rollout.policy", policy]
+            cfg = resolve_local_paths(parse_args(full))
+        import torch
+
+        print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; policy {cfg.policy}, "
+              f"batch {cfg.ppo.batch_size}, {cfg.cluster.num_rollout_workers} rollout actors", flush=True)
+        alone = run_alone(cfg, args.steps) if args.only != "system" else []
+        system = run_system(full, args.steps, work) if args.only != "alone" else []
+    if alone and system:
+        r = report(alone, system)
+        print(f"\n{'phase':<10} {'alone s':>8} {'system s':>9}")
+        for p in PHASES:
+            print(f"{p:<10} {r[f'alone/{p}']:8.3f} {r[f'system/{p}']:9.3f}")
+        print(f"{'step':<10} {r['alone/sum']:8.3f} {r['system/step']:9.3f}   "
+              f"overhead {r['overhead']:+.3f}s ({100 * r['overhead_share']:.1f}% of the system's step)")
+    for name, rows in (("alone", alone), ("system", system)):
+        if rows:
+            print(f"{name}: " + "  ".join(f"{p} {median(rows, 'time/' + p):.3f}s" for p in PHASES)
+                  + f"  learner forward {median(rows, 'time/learner/forward'):.3f}s"
+                  + f"  learner epochs {median(rows, 'time/learner/update'):.3f}s")
+    if args.json:
+        args.json.write_text(json.dumps({"alone": alone, "system": system}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
