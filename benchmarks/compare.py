@@ -236,19 +236,24 @@ def score_held_out(args: argparse.Namespace, runs: list[RunResult]) -> dict[str,
 
 
 def figure(runs: list[RunResult], path: Path, title: str) -> None:
-    """Training reward (batch mean, each step) against seconds of training, every run."""
+    """Training reward (batch mean per step) against seconds of training: each seed thin, and per
+    trainer the mean over seeds at each step, placed at the mean time that step ended."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {}
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for run in runs:
-        colour = colours.setdefault(run.trainer, f"C{len(colours)}")
-        seconds = list(itertools.accumulate(r["time/step"] for r in run.rows))
-        ax.plot(seconds, [r["env/reward_mean"] for r in run.rows], color=colour, alpha=0.75, linewidth=1.2,
-                label=run.trainer if sum(r.trainer == run.trainer for r in runs[:runs.index(run) + 1]) == 1 else None)
+    for i, (trainer, rs) in enumerate(by_trainer(runs).items()):
+        colour = f"C{i}"
+        curves = [(list(itertools.accumulate(r["time/step"] for r in run.rows)),
+                   [r["env/reward_mean"] for r in run.rows]) for run in rs]
+        for seconds, reward in curves:
+            ax.plot(seconds, reward, color=colour, alpha=0.25, linewidth=0.8)
+        n = min(len(c[0]) for c in curves)
+        ax.plot([statistics.fmean(c[0][k] for c in curves) for k in range(n)],
+                [statistics.fmean(c[1][k] for c in curves) for k in range(n)],
+                color=colour, linewidth=2, label=f"{trainer} (mean of {len(rs)} seed{'s' if len(rs) > 1 else ''})")
     ax.set_xlabel("seconds of training (start-up not counted)")
     ax.set_ylabel("reward: mean of the step's batch")
     ax.set_title(title, fontsize=10)

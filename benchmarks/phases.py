@@ -13,7 +13,8 @@ Two runs of the same settings, one after the other (never at once: they share th
 - **system**: ``python -m learner.main`` with the same settings; its ``stats.jsonl`` gives the
   driver's phase times.
 
-It prints, per phase, the median seconds of both (the first step, a warm-up, left out) and the
+It prints, per phase, the median seconds of both (the first step of each run, a warm-up, left
+out; ``--rounds N`` alternates the two N times and pools their steps) and the
 system's step against the sum of the parts alone: what is lost between the phases. ``--policy
 gpt2-small`` swaps in a GPT-2-small-sized policy (GPT2Config() defaults, 124M parameters, random
 weights: the hub is unreachable here) with the stand-in's tokenizer, saved to a temporary folder.
@@ -119,8 +120,7 @@ def run_system(settings: list[str], steps: int, work: Path) -> list[dict[str, An
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float:
-    timed = rows[1:] if len(rows) > 1 else rows
-    return statistics.median(r[key] for r in timed)
+    return statistics.median(r[key] for r in rows)
 
 
 def report(alone: list[dict], system: list[dict]) -> dict[str, float]:
@@ -144,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="steps of each run; the first is left out (default 12)")
     parser.add_argument("--policy", default=None,
                         help="'gpt2-small' for a random 124M policy, or a policy folder (default: the config's)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate alone and system this many times and pool the steps: this machine's speed "
+                             "drifts from minute to minute, and alternating spreads the drift over both (default 1)")
     parser.add_argument("--only", choices=("alone", "system"), default=None, help="run one side only")
     parser.add_argument("--json", type=Path, default=None, help="write both runs' per-step rows here")
     args = parser.parse_args(ours)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is a warm-up)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,11 +175,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; policy {cfg.policy}, "
               f"batch {cfg.ppo.batch_size}, {cfg.cluster.num_rollout_workers} rollout actors", flush=True)
-        alone = run_alone(cfg, args.steps) if args.only != "system" else []
-        system = run_system(full, args.steps, work) if args.only != "alone" else []
+        alone, system = [], []
+        for i in range(args.rounds):
+            if args.only != "system":
+                alone += run_alone(cfg, args.steps)[1:]  # each round's first step warms up
+            if args.only != "alone":
+                (work / str(i)).mkdir()
+                system += run_system(full, args.steps, work / str(i))[1:]
     if alone and system:
         r = report(alone, system)
-        print(f"\n{'phase':<10} {'alone s':>8} {'system s':>9}")
+        print(f"\n{len(alone)} steps alone, {len(system)} in the system ({args.rounds} round(s)), medians")
+        print(f"{'phase':<10} {'alone s':>8} {'system s':>9}")
         for p in PHASES:
             print(f"{p:<10} {r[f'alone/{p}']:8.3f} {r[f'system/{p}']:9.3f}")
         print(f"{'step':<10} {r['alone/sum']:8.3f} {r['system/step']:9.3f}   "
@@ -185,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                   + f"  learner forward {median(rows, 'time/learner/forward'):.3f}s"
                   + f"  learner epochs {median(rows, 'time/learner/update'):.3f}s")
     if args.json:
-        args.json.write_text(json.dumps({"alone": alone, "system": system}, indent=1))
+        args.json.write_text(json.dumps({"policy": cfg.policy, "batch_size": cfg.ppo.batch_size, "rounds": args.rounds,
+                                         "summary": report(alone, system) if alone and system else None,
+                                         "alone": alone, "system": system}, indent=1))
     return 0
 
 

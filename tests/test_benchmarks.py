@@ -1,0 +1,75 @@
+"""The benchmark scripts' arithmetic, on made-up runs: what BENCHMARKS.md reports must be what
+the runs measured. (Their subprocess runs are not repeated here: they take minutes and the
+reference trainer needs its own virtual environment.)"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load("compare")
+phases = _load("phases")
+
+
+def _run(trainer: str, seed: int, step_s: float, rewards: list[float], held_out: float) -> "compare.RunResult":
+    rows = [{"time/step": step_s, "time/generate": 0.2 * step_s, "time/score": 0.1 * step_s,
+             "time/update": 0.6 * step_s, "env/reward_mean": r} for r in rewards]
+    return compare.RunResult(trainer, seed, rows, batch_size=128, wall_seconds=10 * step_s,
+                             held_out={"mean": held_out, "positive": 0.5 + held_out})
+
+
+def _runs(project_gain: float) -> list:
+    runs = []
+    for seed, noise in ((0, 0.0), (1, 0.02), (2, -0.02)):
+        runs.append(_run("project", seed, 2.0, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], 0.1 + project_gain + noise))
+        runs.append(_run("reference", seed, 4.0, [0.0, 0.1, 0.2, 0.3, 0.4, 0.6], 0.1 + 0.2 + noise))
+    return runs
+
+
+def test_compare_tables_report_the_ratio_and_held_out_gain():
+    initial = {"mean": 0.1, "positive": 0.5}
+    tabs = compare.tables(_runs(0.2), initial)
+    head, rows = tabs["speed"]
+    assert head[1:] == ["project", "reference", "project / reference"]
+    assert rows[0][1].startswith("64.00") and rows[0][2].startswith("32.00")  # 128 / 2.0 s, 128 / 4.0 s
+    assert rows[0][3].startswith("2.00")
+    assert rows[4][1:3] == ["1.200", "2.400"]  # update: 0.6 of the step
+    head, rows = tabs["held_out"]
+    gain = head.index("gain")
+    assert [r[gain].split()[0] for r in rows] == ["+0.200", "+0.200"]
+    seeds = tabs["seeds"][1]
+    assert len(seeds) == 8  # 3 seeds and the mean row, per trainer
+
+
+@pytest.mark.parametrize("gain, verdict", [(0.2, "agree"), (0.0, "differ")])
+def test_equal_learning_compares_gains_within_the_spread(gain: float, verdict: str):
+    line = compare.equal_learning(_runs(gain), {"mean": 0.1, "positive": 0.5})
+    assert line.endswith(f"they {verdict}")
+
+
+def test_figure_is_drawn(tmp_path):
+    path = tmp_path / "reward.png"
+    compare.figure(_runs(0.2), path, "made-up runs")
+    assert path.stat().st_size > 10_000
+
+
+def test_phases_overhead_is_the_system_step_minus_the_parts_alone():
+    alone = [{f"time/{p}": s for p, s in zip(phases.PHASES, (0.01, 0.5, 0.1, 2.5))} for _ in range(3)]
+    system = [{**{f"time/{p}": s for p, s in zip(phases.PHASES, (0.02, 0.6, 0.15, 2.6))},
+               "time/step": 3.4, "time/rollout": 0.78} for _ in range(3)]
+    r = phases.report(alone, system)
+    assert r["alone/sum"] == pytest.approx(3.11)
+    assert r["overhead"] == pytest.approx(0.29)
+    assert r["overhead_share"] == pytest.approx(0.29 / 3.4)
