@@ -337,19 +337,23 @@ def tables(runs: list[RunResult], initial: dict[str, float] | None) -> dict[str,
 
 
 def equal_learning(runs: list[RunResult], initial: dict[str, float]) -> str:
-    """Whether each project variant's held-out gain agrees with the reference's within the larger
-    of their spreads over seeds (one line per variant)."""
+    """Whether each project variant's held-out gain agrees with the reference's (one line each).
+
+    "Agree" means their spreads over seeds overlap: the difference of the mean gains is at most
+    the sum of the two standard deviations. The line also gives the difference in standard
+    errors of the difference (sqrt(sd1^2/n1 + sd2^2/n2)), the usual yardstick for so few seeds."""
     groups = by_trainer(runs)
     gains = {t: [r.held_out["mean"] - initial["mean"] for r in rs] for t, rs in groups.items()}
     sd = {t: statistics.stdev(g) if len(g) > 1 else 0.0 for t, g in gains.items()}
+    ref = gains["reference"]
     lines = []
     for t in (t for t in groups if t != "reference"):
-        diff = statistics.fmean(gains[t]) - statistics.fmean(gains["reference"])
-        spread = max(sd[t], sd["reference"])
-        verdict = "agree" if abs(diff) <= spread else "differ"
-        lines.append(f"{t}: held-out gain {statistics.fmean(gains[t]):+.3f} against the reference's "
-                     f"{statistics.fmean(gains['reference']):+.3f} (difference {diff:+.3f}, larger sd over seeds "
-                     f"{spread:.3f}): they {verdict}")
+        diff = statistics.fmean(gains[t]) - statistics.fmean(ref)
+        se = (sd[t] ** 2 / len(gains[t]) + sd["reference"] ** 2 / len(ref)) ** 0.5
+        verdict = "agree" if abs(diff) <= sd[t] + sd["reference"] else "differ"
+        lines.append(f"{t}: held-out gain {statistics.fmean(gains[t]):+.3f} ± {sd[t]:.3f} against the reference's "
+                     f"{statistics.fmean(ref):+.3f} ± {sd['reference']:.3f} (difference {diff:+.3f}"
+                     + (f", {abs(diff) / se:.1f} standard errors" if se > 0 else "") + f"): they {verdict}")
     return "\n".join(lines)
 
 

@@ -53,10 +53,11 @@ def test_compare_tables_report_the_ratio_and_held_out_gain():
     assert len(seeds) == 8  # 3 seeds and the mean row, per trainer
 
 
-@pytest.mark.parametrize("gain, verdict", [(0.2, "agree"), (0.0, "differ")])
+@pytest.mark.parametrize("gain, verdict", [(0.2, "agree"), (0.17, "agree"), (0.1, "differ"), (0.0, "differ")])
 def test_equal_learning_compares_gains_within_the_spread(gain: float, verdict: str):
     line = compare.equal_learning(_runs(gain), {"mean": 0.1, "positive": 0.5})
     assert line.endswith(f"they {verdict}")
+    assert "standard errors" in line
 
 
 def test_figure_is_drawn(tmp_path):
