@@ -58,7 +58,7 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
     import torch
 
     from learner.data import PromptStream, load_texts
-    from learner.main import shard_bounds
+    from learner.driver import shard_bounds
     from learner.models import load_tokenizer
     from learner.placement import threads
     from learner.trainer import PPOLearner

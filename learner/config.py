@@ -27,9 +27,9 @@ from typing import Annotated, Any, Sequence
 import tyro
 import yaml
 
-from actors.rollout import RolloutSettings
+from actors.settings import RolloutSettings
 from modelhost.loading import looks_local
-from rewards.scorer import RewardSettings
+from rewards.settings import RewardSettings
 
 
 log = logging.getLogger(__name__)

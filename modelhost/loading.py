@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
+from typing import TYPE_CHECKING, Any
 
 from modelhost.errors import first_line
+
+if TYPE_CHECKING:  # torch and transformers load with the first model: the settings code needs neither
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class ModelLoadError(ValueError):
@@ -33,6 +32,8 @@ def quiet_progress_bars() -> None:
     """Turns off transformers' (and the hub's) progress bars in this process: "Loading weights"
     at every load, "Writing model shards" at every save. An actor's console is the driver's,
     and the driver prints its own lines."""
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
 
 
@@ -59,5 +60,8 @@ def load_pretrained(cls: Any, name_or_path: str, what: str, **kwargs: Any) -> An
 def load_model_and_tokenizer(cls: Any, name_or_path: str, what: str
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model in fp32 (the reference's dtype, whatever the checkpoint was saved in) and its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
     model = load_pretrained(cls, name_or_path, what, dtype=torch.float32)
     return model, load_pretrained(AutoTokenizer, name_or_path, f"{what}'s tokenizer")

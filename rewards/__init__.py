@@ -2,9 +2,16 @@
 
 `SentimentScorer` scores a list of strings in one padded forward pass; `RewardServer` is
 the async Ray actor body that merges the requests of all rollout actors into such passes.
-Never imports learner/ or actors/ (arrows point learner -> rewards).
+Never imports learner/ or actors/ (arrows point learner -> rewards). The names below load on
+first use, so ``rewards.settings`` alone imports no torch.
 """
-from rewards.scorer import RewardSettings, SentimentScorer
-from rewards.server import RewardServer
+import importlib
 
-__all__ = ["RewardServer", "RewardSettings", "SentimentScorer"]
+_WHERE = {"RewardServer": "rewards.server", "RewardSettings": "rewards.settings", "SentimentScorer": "rewards.scorer"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'rewards' has no attribute {name!r}")

@@ -138,3 +138,29 @@ def test_every_float_setting_refuses_nan():
         with pytest.raises(ValueError, match=rf"{name.split('.')[-1]}.*nan") as err:
             parse_args([f"--{name}", str(math.nan)])
         assert "\n" not in str(err.value)
+
+
+def test_help_needs_no_torch_and_a_run_without_it_says_how_to_install():
+    """``--help`` builds from the settings code alone; a Python without torch gets one line, exit 2."""
+    # A finder that refuses torch, as a Python without it would (sys.modules['torch'] = None
+    # would not do: tyro imports torch whenever its name is in sys.modules).
+    block = ("import sys\n"
+             "class NoTorch:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] == 'torch':\n"
+             "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+             "sys.meta_path.insert(0, NoTorch())\n"
+             "from learner.main import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    shown = subprocess.run([sys.executable, "-c", block, "--help"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "--ppo.max_lag" in shown.stdout
+    run = subprocess.run([sys.executable, "-c", block, "--rollout.policy", str(POLICY_DIR), "--reward.model",
+                          str(REWARD_DIR), "--data.dataset", str(IMDB_DIR), "--run.steps", "1"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: No module named 'torch'"), run.stderr[-2000:]
+    assert "pip install torch==2.13.0" in lines[0]

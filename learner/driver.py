@@ -1,0 +1,303 @@
+"""The driver behind ``python -m learner.main`` (learner/main.py is the command line).
+
+A light process that may sit on a CPU-only head node: the PPO learner lives in its own
+actor, and the driver only moves token ids, statistics and files. Each step:
+
+1. broadcast: the learner's weights go into the object store once; every rollout actor
+   loads that one copy and reports the version it now holds;
+2. rollout: the batch's queries are split into fixed contiguous shards, one per rollout
+   actor; each generates its shard and sends the texts straight to a reward actor, which
+   merges concurrent requests into batched forward passes. A shard whose actor (or reward
+   actor) died is redone once Ray has restarted it, with the current weights. Every shard
+   reports a fingerprint of the weights that generated it, checked against the learner's;
+3. update: the learner runs the reference PPO step on the whole batch (with ppo.max_lag=1
+   the next batch is generated meanwhile, by the same weights);
+4. log: one line, one JSON line of statistics, the dashboard metrics; a checkpoint every
+   ``run.checkpoint_every`` steps.
+At the end: a last checkpoint and the tuned policy in the run directory. A learner that dies
+is replaced in its bundle and continues from the newest good checkpoint, redoing the steps
+since (learner/recovery.py); deaths beyond cluster.max_failures stop the run.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actors.rollout import Rollout
+from learner import checkpoint
+from learner.broadcast import Broadcast, Sent, verify
+from learner.config import Config, ConfigError
+from learner.data import DataState, PromptStream, load_texts
+from learner.models import load_pretrained, load_tokenizer
+from learner.recovery import Fleet, LearnerLost, RayCalls, Recovery, RunError
+from learner.rundir import RunDir
+from learner.trainer import NonFiniteError
+
+log = logging.getLogger("learner.driver")
+
+Batch = tuple[list[list[int]], list[Rollout]]  # a step's queries and its shards' rollouts
+LOGS = ("stats.jsonl", "rollouts.jsonl")
+
+
+def shard_bounds(batch_size: int, n: int) -> list[tuple[int, int]]:
+    """Fixed contiguous shards: query i always goes to the same actor, whoever is free first,
+    so a resumed run samples exactly what the uninterrupted one did."""
+    edges = np.linspace(0, batch_size, n + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+
+
+def check_models(cfg: Config) -> None:
+    """Cheap checks on the models' configs before any actor starts."""
+    from transformers import AutoConfig
+
+    policy = load_pretrained(AutoConfig, cfg.policy, "rollout.policy")
+    context = getattr(policy, "n_positions", None) or getattr(policy, "max_position_embeddings", None)
+    longest = cfg.data.query_max_tokens + cfg.rollout.response_max_tokens
+    if context and longest > context:
+        raise ConfigError(f"data.query_max_tokens ({cfg.data.query_max_tokens}) + rollout.response_max_tokens "
+                          f"({cfg.rollout.response_max_tokens}) exceed the policy's context of {context} positions")
+    reward = load_pretrained(AutoConfig, cfg.reward.model, "reward.model")
+    labels = list((reward.label2id or {}).keys())
+    if cfg.reward.positive_label not in labels:
+        raise ConfigError(f"reward.positive_label: the reward model has no label '{cfg.reward.positive_label}' "
+                          f"(labels: {', '.join(labels) or 'none'}); set reward.positive_label")
+
+
+class Driver:
+    """The training loop over the actors. Each step: broadcast, rollout, update, log."""
+
+    def __init__(self, cfg: Config, run: RunDir, stream: PromptStream, tokenizer) -> None:
+        from learner import placement
+        from learner.metrics import RunMetrics
+
+        self.cfg, self.run, self.stream, self.tokenizer = cfg, run, stream, tokenizer
+        roles = placement.resolve_roles(cfg)
+        pg = placement.reserve(cfg, roles)
+        actors = placement.spawn(cfg, roles, pg)
+        self.fleet = Fleet(actors.learner, actors.rollouts, actors.rewards)
+        self.recovery = Recovery(self.fleet, RayCalls(), cfg.cluster.call_timeout_s, cfg.cluster.max_failures,
+                                 start_learner=lambda: placement.spawn_learner(
+                                     cfg, roles, pg, name=f"learner-{self.recovery.deaths}"))
+        self.recovery.start()
+        self.plan = placement.describe(cfg, roles, self.recovery.pings)
+        self._record_actors()
+        backend = "nccl" if roles.learner_gpus >= 1 and roles.rollout_gpus >= 1 else "gloo"
+        self.weights = Broadcast(self.fleet, self.recovery, cfg.cluster.weight_broadcast == "collective",
+                                 backend, cfg.cluster.call_timeout_s)
+        self.shards = shard_bounds(cfg.ppo.batch_size, len(self.fleet.rollouts))
+        self.metrics = RunMetrics(run.path.name)
+        self.prefetched: Batch | None = None  # ppo.max_lag=1: the next step's batch, generated during the update
+        self.first = self.step_start = self._position()
+
+    def train_step(self, step: int, steps: int) -> dict[str, Any]:
+        """One PPO step: 1. broadcast  2. rollout  3. update  4. log."""
+        self.step_start = self._position()
+        t0 = time.perf_counter()
+        sent = self.weights.send()
+        t1 = time.perf_counter()
+        queries, rollouts = self.prefetched or self.rollout(self.stream.next_batch(), step, sent)
+        self.prefetched = None
+        t2 = time.perf_counter()
+        responses = [r for ro in rollouts for r in ro.responses]
+        scores = [s for ro in rollouts for s in ro.scores]
+        behaviour = [lp for ro in rollouts for lp in ro.logprobs] if self.cfg.ppo.max_lag else None
+        update = self.fleet.learner.step.remote(queries, responses, scores, behaviour)
+        if self.cfg.ppo.max_lag and step + 1 < steps:  # the next batch, by these weights, during the update
+            self.prefetched = self.rollout(self.stream.next_batch(), step + 1, sent)
+        stats = self.recovery.learner_call(update, "PPO step")
+        stats.update(step_stats(step, rollouts, sent, (t0, t1, t2, time.perf_counter()), self.cfg.ppo.batch_size))
+        stats["failures"] = self.recovery.deaths
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+        self.run.log_step(stats, {"step": step, "scores": scores, "queries": [decode(q) for q in queries],
+                                  "responses": [decode(r) for r in responses]})
+        self.metrics.record(stats, {f"rollout-{i}": sent.version - r.weight_version for i, r in enumerate(rollouts)})
+        return stats
+
+    def rollout(self, queries: list[list[int]], step: int, sent: Sent) -> Batch:
+        """Every shard's Rollout, in shard order, each checked to come from the weights sent."""
+        timeout = self.cfg.cluster.call_timeout_s
+        calls = {i: (lambda i=i, a=a, b=b: self.fleet.rollouts[i].rollout.remote(queries[a:b], step, i, timeout))
+                 for i, (a, b) in enumerate(self.shards)}
+        rollouts = self.recovery.gather(calls, "rollout", self.weights.resend)
+        verify(rollouts, sent)
+        return queries, rollouts
+
+    def replace_learner(self, reason: str) -> int:
+        """A new learner in the lost one's bundle, at the newest good checkpoint; the step to redo from."""
+        t0 = time.perf_counter()
+        self.recovery.replace_learner(reason)
+        if self.weights.collective:
+            self.weights.rejoin()
+        ckpt, notes = checkpoint.newest_good(self.run.path)
+        for note in notes:
+            log.warning("%s", note)
+        step = self.restore(ckpt)
+        self._record_actors()
+        log.warning("the learner died (%s); a new learner continues from %s (redoing from step %d), ready in %.1fs",
+                    reason, ckpt.name if ckpt else "the start", step + 1, time.perf_counter() - t0)
+        return step
+
+    # ---------------------------------------------------------------- files
+
+    def save_checkpoint(self, steps_done: int, before_step: bool = False) -> Path:
+        """The checkpoint after ``steps_done`` steps; ``before_step``: as the current step started
+        (a stopped step: the learner's state is still the state before it)."""
+        data, prefetched = self.step_start if before_step else self._position()
+        files = self.recovery.learner_call(self.fleet.learner.state_bytes.remote(), "learner state")
+        driver = {"step": steps_done, "data": vars(data), "seed": self.cfg.run.seed}
+        files["driver.json"] = json.dumps(driver).encode()
+        if prefetched is not None:
+            queries, rollouts = prefetched
+            files["prefetch.json"] = json.dumps({"queries": queries, "rollouts": [asdict(r) for r in rollouts]}).encode()
+        for name in LOGS:
+            file = self.run.path / name
+            files[name] = file.read_bytes() if file.exists() else b""
+        return checkpoint.write(self.run.path, steps_done, files, self.cfg.run.keep_checkpoints)
+
+    def restore(self, ckpt: Path | None) -> int:
+        """Learner, data position, prefetched batch and logs as at ``ckpt`` (None: the start of the
+        run, with a fresh learner). Returns the steps done."""
+        if ckpt is None:
+            (data, self.prefetched), step = self.first, 0
+            for name in LOGS:
+                (self.run.path / name).write_bytes(b"")
+        else:
+            files = checkpoint.read(ckpt)
+            driver = json.loads(files["driver.json"])
+            data, step, batch = DataState(**driver["data"]), driver["step"], files.get("prefetch.json")
+            batch = json.loads(batch) if batch else None
+            self.prefetched = (batch["queries"], [Rollout(**r) for r in batch["rollouts"]]) if batch else None
+            learner_files = {k: files[k] for k in (checkpoint.LEARNER_TENSORS, checkpoint.LEARNER_META)}
+            self.recovery.learner_call(self.fleet.learner.load_state_bytes.remote(learner_files), "restoring the learner")
+            self.run.restore_logs(ckpt)
+        self.stream.load_state(DataState(**vars(data)))
+        return step
+
+    def save_policy(self) -> Path:
+        files = self.recovery.learner_call(self.fleet.learner.export_policy.remote(), "exporting the policy")
+        folder = self.run.path / "policy"
+        folder.mkdir(exist_ok=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        return folder
+
+    def _position(self) -> tuple[DataState, Batch | None]:
+        return DataState(**vars(self.stream.state)), self.prefetched
+
+    def _record_actors(self) -> None:
+        """actors.json: where each actor runs (pid, node, device, GPU share), for users and the failure tests."""
+        actors = {name: {**self.plan.get(name, {}), **ping} for name, ping in self.recovery.pings.items()}
+        (self.run.path / "actors.json").write_text(json.dumps(actors, indent=1))
+
+
+def step_stats(step: int, rollouts: list[Rollout], sent: Sent, times: tuple[float, float, float, float],
+               batch_size: int) -> dict[str, Any]:
+    """The driver's own statistics of a step: timings, weight versions, throughput."""
+    t0, t1, t2, t3 = times
+    oldest = min(r.weight_version for r in rollouts)
+    tokens = sum(len(q) + len(r) for ro in rollouts for q, r in zip(ro.queries, ro.responses))
+    return {
+        "step": step, "time/broadcast": t1 - t0, "time/rollout": t2 - t1, "time/update": t3 - t2,
+        "time/step": t3 - t0, "time/generate": max(r.generate_seconds for r in rollouts),
+        "time/score": max(r.score_seconds for r in rollouts),
+        "rollout/weight_version": oldest, "rollout/version_lag": sent.version - oldest,
+        # every shard trained on was checked against the learner's fingerprint when generated
+        "rollout/weights_verified": len(rollouts),
+        "samples_per_second": batch_size / (t3 - t0), "tokens_per_second": tokens / (t3 - t0),
+    }
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _step_line(stats: dict[str, Any], step: int, steps: int, eta: float) -> str:
+    return (f"step {step + 1}/{steps}  reward {stats['env/reward_mean']:+.3f}  "
+            f"kl {stats['objective/kl']:.3f}  beta {stats['objective/kl_coef']:.3f}  "
+            f"gen {stats['time/generate']:.1f}s  score {stats['time/score']:.2f}s  "
+            f"update {stats['time/update']:.1f}s  {stats['samples_per_second']:.1f} samples/s  "
+            f"eta {_fmt_eta(eta)}")
+
+
+def run_steps(driver: Driver, cfg: Config, start: int, steps: int) -> None:
+    """The steps, a checkpoint every run.checkpoint_every and at the end; a lost learner is
+    replaced and the steps since the newest good checkpoint redone."""
+    t_start, done, last_ckpt, step = time.perf_counter(), 0, start, start
+    while step < steps:
+        try:
+            stats = driver.train_step(step, steps)
+            done += 1
+            print(_step_line(stats, step, steps, (time.perf_counter() - t_start) / done * (steps - step - 1)),
+                  flush=True)
+            step += 1
+            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                driver.save_checkpoint(step)
+                last_ckpt = step
+        except LearnerLost as err:
+            step = last_ckpt = driver.replace_learner(str(err))
+        except NonFiniteError as err:
+            where = (f"saved the last good state as {driver.save_checkpoint(step, before_step=True)}" if err.intact
+                     else f"the last good checkpoint is step {last_ckpt}")
+            raise RunError(f"{err.what} at step {step + 1}; {where}") from None
+    if last_ckpt != steps:
+        driver.save_checkpoint(steps)
+
+
+def train(cfg: Config) -> Path:
+    """1. data and checks  2. Ray and actors  3. resume  4. the steps  5. checkpoint + policy
+    6. report."""
+    import ray
+
+    from learner import placement
+
+    # 1. everything that can fail fast fails before Ray starts
+    resume_from = None
+    if cfg.run.resume:
+        _, resume_from, notes = checkpoint.find_resumable(Path(cfg.run.resume))
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+    check_models(cfg)
+    tokenizer = load_tokenizer(cfg.policy)
+    stream = PromptStream(load_texts(cfg.data.dataset, cfg.data.split, cfg.data.text_column), tokenizer,
+                          cfg.data, cfg.ppo.batch_size, cfg.run.seed)
+    steps = cfg.run.steps or stream.steps_per_epoch
+    run = RunDir(cfg)
+
+    # 2. Ray, resources, actors
+    info = placement.connect(cfg, namespace=f"ppo-{run.path.name}")
+    print(f"Ray dashboard: {info['dashboard_url'] or 'not running'}  |  run directory: {run.path}", flush=True)
+    try:
+        driver = Driver(cfg, run, stream, tokenizer)
+        for name, where in driver.plan.items():
+            print(f"plan: {name:<10} on {where['node']}  {where['gpus']:g} GPU  {where['cpus']:g} CPU  "
+                  f"({where['device']})", flush=True)
+        # 3. resume
+        start = 0
+        if resume_from is not None:
+            start = driver.restore(resume_from)
+            print(f"resumed from {resume_from} at step {start + 1}", flush=True)
+        # 4. the steps, 5. the last checkpoint and the tuned policy
+        run_steps(driver, cfg, start, steps)
+        print(f"tuned policy saved to {driver.save_policy()}", flush=True)
+    finally:
+        ray.shutdown()
+        run.close()  # trackers: flush TensorBoard, finish the W&B run
+    # 6. the figure and the before/after table (python -m learner.report RUN_DIR redoes them)
+    if cfg.run.report_queries:
+        from learner.report import make_report
+
+        report = make_report(run.path, n_queries=cfg.run.report_queries, seed=cfg.run.seed)
+        print(f"reward figure: {report['figure']}  |  before/after table: {report['markdown']}  "
+              f"(mean reward {report['mean_before']:+.3f} -> {report['mean_after']:+.3f})", flush=True)
+    return run.path
