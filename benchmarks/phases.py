@@ -41,18 +41,6 @@ sys.path.insert(0, str(REPO))
 PHASES = ("broadcast", "generate", "score", "update")
 
 
-def random_gpt2_small(tokenizer_dir: str, folder: Path) -> Path:
-    """A GPT-2-small-sized policy (124M) with random weights and the given tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def run_alone(cfg, steps: int) -> list[dict[str, float]]:
     """The step's parts in this process, each timed alone, with the system's thread counts."""
     import torch
@@ -167,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, SystemExit) as err:
             sys.exit(f"error: {err}" if isinstance(err, ConfigError) else err.code)
         if args.policy:
-            policy = (str(random_gpt2_small(cfg.policy, work / "gpt2-small-random")) if args.policy == "gpt2-small"
-                      else str(Path(args.policy).resolve()))
+            if args.policy == "gpt2-small":
+                sys.path.insert(0, str(REPO / "benchmarks"))
+                from gpu_check import random_gpt2_small  # the same random 124M policy as the GPU check
+
+                policy = str(random_gpt2_small(Path(cfg.policy), work / "gpt2-small-random"))
+            else:
+                policy = str(Path(args.policy).resolve())
             full += ["--rollout.policy", policy]
             cfg = resolve_local_paths(parse_args(full))
         import torch
