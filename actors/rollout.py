@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          PreTrainedModel, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from actors.settings import RolloutSettings
 from modelhost.loading import load_model_and_tokenizer
@@ -99,22 +100,53 @@ def cut_response(tokens: list[int], length: int, eos_id: int) -> int:
     return head.index(eos_id) + 1 if eos_id in head else len(head)
 
 
+class InverseCdfSampling(LogitsProcessor):
+    """Draws each row's next token from softmax(scores) with one uniform number (the inverse of
+    the cumulative distribution, summed in float64), and returns scores that only the drawn
+    token tops, so ``generate``'s greedy pick is the draw.
+
+    Why not ``generate``'s own sampling: ``torch.multinomial`` draws one exponential number per
+    vocabulary entry and row; on CPU that was 29% of a rollout actor's generation (11 ms a token
+    for 64 rows of an 8192-token vocabulary, against about 1 ms here). The distribution is the
+    same; the tokens a given seed draws are not.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores, dim=-1, dtype=torch.float64).cumsum_(dim=-1)
+        u = torch.rand((len(scores), 1), generator=self.generator, dtype=torch.float64, device=scores.device)
+        # The first entry whose cumulative sum exceeds u: entries of probability 0 (cut by top-k/top-p)
+        # never are, since their sum equals the one before them.
+        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
+
+
+def sampling_processors(settings: RolloutSettings, generator: torch.Generator) -> LogitsProcessorList:
+    """The recipe's warpers in ``generate``'s own order (temperature, top-k, top-p), then the draw."""
+    warpers = ([TemperatureLogitsWarper(settings.temperature)] if settings.temperature != 1.0 else []) + \
+        ([TopKLogitsWarper(settings.top_k)] if settings.top_k > 0 else []) + \
+        ([TopPLogitsWarper(settings.top_p)] if settings.top_p < 1.0 else [])
+    return LogitsProcessorList([*warpers, InverseCdfSampling(generator)])
+
+
 def sampling_config(settings: RolloutSettings, max_new_tokens: int, eos_id: int) -> GenerationConfig:
-    """A complete sampling config, so no field falls back to the model's generation_config.json.
+    """A complete config, so no field falls back to the model's generation_config.json.
 
     transformers 5 fills every field left None from model.generation_config (min_length,
     repetition_penalty, ...); the worker also replaces that with a bare one at load time.
+    Greedy on purpose: the sampling happens in ``sampling_processors``.
     """
     return GenerationConfig(
-        do_sample=True, top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature,
-        max_new_tokens=max_new_tokens, min_length=0, num_beams=1,
+        do_sample=False, max_new_tokens=max_new_tokens, min_length=0, num_beams=1,
         repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True,
         output_logits=True, return_dict_in_generate=True)
 
 
 def sample_batch(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 config: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: GenerationConfig, processors: LogitsProcessorList) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched generate call (KV cache on); returns sequences (B, P+T) and new-token log-probs (B, T).
 
     Log-probs come from the raw logits (before any warper) in fp32, so they are the policy's own
@@ -122,7 +154,8 @@ def sample_batch(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     warpers are identities anyway.
     """
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             logits_processor=processors)
     new_ids = out.sequences[:, input_ids.shape[1]:]  # (B, T): sliced at the padded input length
     # One step at a time keeps the peak at (B, V) rather than (B, T, V) for a 50k vocabulary.
     logprobs = torch.stack([
@@ -249,10 +282,10 @@ class RolloutWorker:
         start = time.perf_counter()
         lengths, torch_seed = draw_lengths_and_seed(self.settings, step, shard, len(queries))
         input_ids, attention_mask = left_pad(queries, self.eos_id)
-        torch.manual_seed(torch_seed)
+        generator = torch.Generator(self.device).manual_seed(torch_seed)
         sequences, logprobs = sample_batch(
             self.model, input_ids.to(self.device), attention_mask.to(self.device),
-            sampling_config(self.settings, max(lengths), self.eos_id))
+            sampling_config(self.settings, max(lengths), self.eos_id), sampling_processors(self.settings, generator))
         new_ids = sequences[:, input_ids.shape[1]:].tolist()  # (B, T)
         new_logprobs = logprobs.tolist()  # (B, T)
         keep = [cut_response(ids, n, self.eos_id) for ids, n in zip(new_ids, lengths)]

@@ -4,6 +4,8 @@ Run: HF_HUB_OFFLINE=1 python -m pytest tests/test_rollout.py -q
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from actors import Rollout, RolloutSettings, RolloutWorker
-from actors.rollout import draw_lengths_and_seed, left_pad, sample_batch, sampling_config
+from actors.rollout import (InverseCdfSampling, draw_lengths_and_seed, left_pad, sample_batch, sampling_config,
+                            sampling_processors)
 from modelhost.loading import ModelLoadError
 
 OPENINGS = ["This movie was", "I", "The acting in this film is really", "Worst",
@@ -93,9 +96,9 @@ def test_sequences_are_left_padded_input_then_response(eos_worker: RolloutWorker
     out = eos_worker.generate(queries, step=5, shard=2)
     lengths, seed = draw_lengths_and_seed(eos_worker.settings, 5, 2, len(queries))
     input_ids, mask = left_pad(queries, eos_worker.eos_id)
-    torch.manual_seed(seed)
     sequences, _ = sample_batch(eos_worker.model, input_ids, mask,
-                                sampling_config(eos_worker.settings, max(lengths), eos_worker.eos_id))
+                                sampling_config(eos_worker.settings, max(lengths), eos_worker.eos_id),
+                                sampling_processors(eos_worker.settings, torch.Generator().manual_seed(seed)))
     width = input_ids.shape[1]
     for i, (query, response) in enumerate(zip(queries, out.responses)):
         assert mask[i].tolist() == [0] * (width - len(query)) + [1] * len(query)
@@ -224,3 +227,33 @@ def test_rollout_scores_with_ray_actor_handle(ray_local, worker: RolloutWorker, 
     # The in-process worker reaches the same scorer handle through ray.get with a timeout.
     local = RolloutWorker(worker.settings, scorers=[scorer]).rollout(queries, step=6, shard=0, timeout_s=60.0)
     assert local.scores == out.scores
+
+
+def test_inverse_cdf_sampling_draws_from_the_softmax():
+    """200k draws per row against softmax(scores): every frequency within 5 standard errors,
+    zero-probability entries (-inf, as top-k leaves them) never drawn, and the returned scores
+    make the draw the only finite entry, so generate's greedy pick takes it."""
+    scores = torch.tensor([[1.0, 2.0, 0.5, -1.0, float("-inf")], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    probs = torch.softmax(scores, dim=-1)
+    sampler = InverseCdfSampling(torch.Generator().manual_seed(0))
+    n = 200_000
+    counts = torch.zeros(2, 5)
+    for _ in range(n // 1000):
+        out = sampler(None, scores.repeat_interleave(1000, dim=0))
+        assert torch.isfinite(out).sum(dim=1).eq(1).all()
+        drawn = out.argmax(dim=-1).view(2, 1000)
+        counts += torch.stack([torch.bincount(d, minlength=5) for d in drawn]).float()
+    freq = counts / n
+    se = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 5 * se + 1e-9).all(), (freq, probs)
+    assert counts[0, 4] == 0
+
+
+def test_inverse_cdf_sampling_follows_top_k_and_its_seed(policy_dir: Path):
+    settings = make_settings(policy_dir)
+    scores = torch.randn(64, 50)
+    with_top_k = sampling_processors(dataclasses.replace(settings, top_k=3), torch.Generator().manual_seed(1))
+    picked = with_top_k(None, scores).argmax(dim=-1)
+    assert (scores.gather(1, picked[:, None]) >= scores.topk(3, dim=-1).values[:, -1:]).all()
+    draw = lambda seed: sampling_processors(settings, torch.Generator().manual_seed(seed))(None, scores).argmax(-1)  # noqa: E731
+    assert torch.equal(draw(7), draw(7)) and not torch.equal(draw(7), draw(8))
