@@ -60,7 +60,8 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
     workers = [RolloutWorker(cfg.rollout.for_actor(seed=cfg.run.seed, torch_threads=rollout_threads))
                for _ in range(n)]
     scorer = SentimentScorer(cfg.reward.for_actor(torch_threads=learner_threads))
-    learner = PPOLearner(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads)
+    learner = PPOLearner(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads,
+                         processes=cfg.cluster.learner_processes)
     shards = shard_bounds(cfg.ppo.batch_size, n)
     rows = []
     for step in range(steps):
@@ -84,6 +85,7 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
         t = time.perf_counter()
         scores = scorer.score([text for ro in rollouts for text in ro.texts])
         score = time.perf_counter() - t
+        torch.set_num_threads(max(1, learner_threads // cfg.cluster.learner_processes))  # as each learner rank
         t = time.perf_counter()
         stats = learner.step(queries, [r for ro in rollouts for r in ro.responses], scores)
         update = time.perf_counter() - t
@@ -92,6 +94,7 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
                      "time/learner/update": stats["time/learner/update"], "env/reward_mean": stats["env/reward_mean"]})
         print(f"  [alone] step {step + 1}/{steps}  " + "  ".join(f"{p} {rows[-1]['time/' + p]:.3f}s" for p in PHASES),
               flush=True)
+    learner.close()
     return rows
 
 

@@ -157,6 +157,11 @@ class ClusterConfig:
     among rollout and reward actors; several nodes with GPUs, one GPU per role. A value >= 0 wins"""
     learner_cpus: float = 1.0
     """CPUs reserved for the learner actor (it does the heavy CPU work when there is no GPU)"""
+    learner_processes: int = 1
+    """data-parallel processes of a CPU learner on its node (learner/dataparallel.py): each takes its
+    share of every minibatch's rows and of the learner's threads, gradients are summed; the same step as
+    one process. Small models keep more cores busy this way (stand-ins on 2 cores: 2 processes, see
+    BENCHMARKS.md); a GPU learner takes 1"""
     torch_threads: int = 0
     """torch threads per actor (0: the learner and the reward actors use every core of their node, as they
     compute one at a time; rollout actors, which generate at the same time, cores / num_rollout_workers)"""
@@ -177,8 +182,12 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         check_ranges("cluster", self, {
             "num_rollout_workers": POSITIVE, "num_reward_workers": POSITIVE, "rollout_gpus": GPUS,
-            "reward_gpus": GPUS, "learner_gpus": GPUS, "learner_cpus": NON_NEGATIVE, "torch_threads": NON_NEGATIVE,
+            "reward_gpus": GPUS, "learner_gpus": GPUS, "learner_cpus": NON_NEGATIVE, "learner_processes": POSITIVE,
+            "torch_threads": NON_NEGATIVE,
             "placement_timeout_s": POSITIVE, "call_timeout_s": POSITIVE, "max_failures": NON_NEGATIVE})
+        if self.learner_processes > 1 and self.learner_gpus > 0:
+            raise ConfigError(f"cluster.learner_processes={self.learner_processes} runs the learner on CPU only: "
+                              "set cluster.learner_processes=1 with cluster.learner_gpus > 0")
         if self.weight_broadcast not in ("object_store", "collective"):
             raise ConfigError(f"cluster.weight_broadcast '{self.weight_broadcast}' must be object_store or collective")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

@@ -198,7 +198,9 @@ def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "le
     return ray.remote(PPOLearner).options(
         name=name, num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-    ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=threads(cfg)[0])
+    ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=threads(cfg)[0],
+             processes=cfg.cluster.learner_processes, rank_timeout_s=cfg.cluster.call_timeout_s,
+             exit_on_rank_loss=True)
 
 
 def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:

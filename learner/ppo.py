@@ -10,6 +10,7 @@ V vocabulary size. ``mask`` is (B, T) float, 1 where the next token is a respons
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -94,9 +95,20 @@ class LossOutput:
     skipped: bool  # the mean ratio exceeded ratio_threshold, so the loss was zeroed
 
 
+STAT_ORDER = ("loss/policy", "loss/value", "loss/total", "policy/entropy", "policy/approxkl", "policy/policykl",
+              "policy/clipfrac", "policy/ratio_mean", "policy/advantages_mean", "returns/mean", "returns/var",
+              "val/vpred", "val/error", "val/clipfrac", "val/mean", "val/var")
+
+
+def _no_other_ranks(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor, v_old: torch.Tensor,
              advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
-             cliprange: float, cliprange_value: float, vf_coef: float, ratio_threshold: float) -> LossOutput:
+             cliprange: float, cliprange_value: float, vf_coef: float, ratio_threshold: float,
+             n_tokens: torch.Tensor | None = None,
+             total: Callable[[torch.Tensor], torch.Tensor] = _no_other_ranks) -> LossOutput:
     """Step 5: clipped surrogate + clipped value loss (Schulman et al. 2017, arXiv:1707.06347).
 
     pg_loss = masked_mean(max(-A*r, -A*clip(r, 1-eps, 1+eps)))
@@ -104,44 +116,66 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor
     If masked_mean(ratio) > ratio_threshold the loss (and the reported losses) become 0,
     but the caller still runs backward and the optimizer step, as the reference does.
     ``entropy`` is the current policy's per-token entropy (B, T); it only feeds a statistic.
+
+    Data-parallel ranks (``learner/dataparallel.py``) each pass their own rows of the minibatch,
+    ``n_tokens`` = the minibatch's response tokens on all ranks and ``total`` = sum over ranks.
+    Every masked mean is then sum(x * m) / n_tokens: the rank's share, whose gradients add up
+    over ranks to the whole minibatch's. The statistics and the ratio-threshold test use the
+    shares summed by ``total`` (one call for the means, one for the two variances), so every
+    rank sees the whole minibatch's values. With the defaults (one process) each mean is
+    exactly ``masked_mean``.
     """
+    n = mask.sum() if n_tokens is None else n_tokens
+
+    def share(x: torch.Tensor) -> torch.Tensor:  # this rank's part of the minibatch's masked mean
+        return (x * mask).sum() / n
+
+    def summed(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # over ranks, in one call
+        return dict(zip(shares, total(torch.stack(list(shares.values())))))
+
     v_clipped = torch.clamp(v_new, v_old - cliprange_value, v_old + cliprange_value)
     vf_losses1 = (v_new - returns) ** 2
     vf_losses2 = (v_clipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
-    vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
+    vf_loss = 0.5 * share(torch.max(vf_losses1, vf_losses2))
 
     ratio = torch.exp(logp_new - logp_old)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
-
+    pg_loss = share(torch.max(pg_losses, pg_losses2))
     loss = pg_loss + vf_coef * vf_loss
-    skipped = masked_mean(ratio, mask).item() > ratio_threshold
-    if skipped:
-        # The reference skips the update by zeroing the loss; Adam still steps (its moments move).
-        pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
 
     with torch.no_grad():
-        stats = {
+        stats = summed({
             "loss/policy": pg_loss.detach(),
             "loss/value": vf_loss.detach(),
             "loss/total": loss.detach(),
-            "policy/entropy": masked_mean(entropy, mask),
-            "policy/approxkl": 0.5 * masked_mean((logp_new - logp_old) ** 2, mask),
-            "policy/policykl": masked_mean(logp_old - logp_new, mask),
-            "policy/clipfrac": pg_clipfrac,
-            "policy/ratio_mean": masked_mean(ratio, mask),
-            "policy/advantages_mean": masked_mean(advantages, mask),
-            "returns/mean": masked_mean(returns, mask),
-            "returns/var": masked_var(returns, mask),
-            "val/vpred": masked_mean(v_new, mask),
-            "val/error": masked_mean((v_new - returns) ** 2, mask),
-            "val/clipfrac": vf_clipfrac,
-            "val/mean": masked_mean(v_old, mask),
-            "val/var": masked_var(v_old, mask),
-        }
+            "policy/entropy": share(entropy),
+            "policy/approxkl": 0.5 * share((logp_new - logp_old) ** 2),
+            "policy/policykl": share(logp_old - logp_new),
+            "policy/clipfrac": share(torch.gt(pg_losses2, pg_losses).float()),
+            "policy/ratio_mean": share(ratio),
+            "policy/advantages_mean": share(advantages),
+            "returns/mean": share(returns),
+            "val/vpred": share(v_new),
+            "val/error": share((v_new - returns) ** 2),
+            "val/clipfrac": share(torch.gt(vf_losses2, vf_losses1).float()),
+            "val/mean": share(v_old),
+        })
+        # masked_var's two passes: the deviations need the whole minibatch's means first
+        if n <= 1:
+            raise ValueError("masked_var needs at least two masked entries (a batch with one response token?)")
+        stats.update(summed({
+            "returns/var": share((returns - stats["returns/mean"]) ** 2) * (n / (n - 1)),
+            "val/var": share((v_old - stats["val/mean"]) ** 2) * (n / (n - 1)),
+        }))
+        stats = {key: stats[key] for key in STAT_ORDER}
+
+    skipped = stats["policy/ratio_mean"].item() > ratio_threshold
+    if skipped:
+        # The reference skips the update by zeroing the loss; Adam still steps (its moments move).
+        pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
+        for key in ("loss/policy", "loss/value", "loss/total"):
+            stats[key] = stats[key] * 0.0
     return LossOutput(loss=loss, stats=stats, skipped=skipped)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from actors import collective
 from learner import ppo
 from learner.config import PPOConfig
+from learner.dataparallel import Ranks
 from learner.models import load_policy, load_tokenizer, save_policy
 from modelhost.process import process_info, resolve_device
 from modelhost.weights import numpy_copies
@@ -72,6 +74,11 @@ class TokenOutputs:
     def rows(self, idx: torch.Tensor) -> "TokenOutputs":
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
         return TokenOutputs(self.logp[idx], pick(self.values), pick(self.entropy))
+
+    def padded_rows(self, lo: int, n: int) -> "TokenOutputs":
+        """These rows as rows lo.. of n, the others zero (keeping grad)."""
+        pad = lambda x: None if x is None else torch.nn.functional.pad(x, (0, 0, lo, n - lo - len(x)))  # noqa: E731
+        return TokenOutputs(pad(self.logp), pad(self.values), pad(self.entropy))
 
 
 RowOrder = Callable[[int], Sequence[int]]
@@ -154,10 +161,22 @@ class PPOLearner:
     """Holds the policy + value head, the frozen reference, Adam and the KL controller."""
 
     def __init__(self, policy: str, ppo_cfg: PPOConfig, seed: int = 0, device: str = "auto",
-                 torch_threads: int = 0, row_order: RowOrder | None = None) -> None:
+                 torch_threads: int = 0, row_order: RowOrder | None = None, processes: int = 1,
+                 rank_timeout_s: float = 600.0, exit_on_rank_loss: bool = False, ranks: Ranks | None = None) -> None:
+        """``processes`` > 1 starts that many data-parallel ranks on this node (learner/dataparallel.py),
+        each with ``torch_threads / processes`` threads; ``ranks`` is given to the ranks it starts."""
+        self.device = resolve_device(device)
+        if processes > 1:
+            if self.device.type != "cpu":
+                raise ValueError(f"cluster.learner_processes={processes} runs the learner on CPU only, but its "
+                                 f"device is {self.device}: set cluster.learner_processes=1 for a GPU learner")
+            torch_threads = max(1, (torch_threads or os.cpu_count() or 1) // processes)
+            ranks = Ranks.start(processes, rank_timeout_s, exit_on_rank_loss)
+            ranks.send({"policy": policy, "ppo_cfg": ppo_cfg, "seed": seed, "device": "cpu",
+                        "torch_threads": torch_threads})
+        self.ranks = ranks or Ranks.single()
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.device = resolve_device(device)
         torch.manual_seed(seed)
         self.cfg = ppo_cfg
         self.tokenizer = load_tokenizer(policy)
@@ -170,6 +189,41 @@ class PPOLearner:
         self.version = 0  # bumped after every optimizer step sequence; rollouts report which they used
         self.pad_id = self.tokenizer.eos_token_id
         self.padding_side = "right"
+        # Every rank starts from rank 0's weights (they load the same files; this makes sure).
+        if self.ranks.world > 1:
+            flat = self.ranks.broadcast_(torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]))
+            torch.nn.utils.vector_to_parameters(flat, self.model.parameters())
+
+    # ------------------------------------------------------------------ data-parallel ranks
+
+    def _tell_ranks(self, method: str, *args) -> None:
+        """Rank 0: every other rank runs ``method(*args)`` too (they wait in ``serve``)."""
+        if self.ranks.rank == 0 and self.ranks.world > 1:
+            self.ranks.send((method, args))
+
+    def serve(self) -> None:
+        """Ranks 1..: run what rank 0 sends until it says stop. Errors every rank meets alike
+        (a bad batch, a non-finite value) reach the driver from rank 0; this rank goes on."""
+        while (command := self.ranks.receive()) is not None:
+            method, args = command
+            try:
+                getattr(self, method)(*args)
+            except (ValueError, NonFiniteError) as err:
+                log.debug("rank %d: %s failed: %s", self.ranks.rank, method, err)
+
+    def weights_agree(self) -> bool:
+        """Whether every rank holds exactly rank 0's weights (for tests and debugging)."""
+        self._tell_ranks("_weights_agree")
+        return self._weights_agree()
+
+    def _weights_agree(self) -> bool:
+        mine = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
+        differ = float(not torch.equal(mine, self.ranks.broadcast_(mine.clone())))
+        return self.ranks.sum_(torch.tensor([differ])).item() == 0
+
+    def close(self) -> None:
+        """Stops the learner's other ranks (a one-process learner has nothing to stop)."""
+        self.ranks.close()
 
     # ------------------------------------------------------------------ forward passes
 
@@ -241,7 +295,6 @@ class PPOLearner:
 
     # ------------------------------------------------------------------ the PPO step
 
-    @_rng_kept_on_stop
     def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
              behaviour_logprobs: list[list[float]] | None = None) -> dict[str, float]:
         """One reference PPO step on a full batch; returns the reference's statistics.
@@ -251,6 +304,12 @@ class PPOLearner:
         the previous update (ppo.max_lag=1) that policy is one update behind the learner,
         and the PPO ratio must be taken against it.
         """
+        self._tell_ranks("_step", queries, responses, scores, behaviour_logprobs)
+        return self._step(queries, responses, scores, behaviour_logprobs)
+
+    @_rng_kept_on_stop
+    def _step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
+              behaviour_logprobs: list[list[float]] | None = None) -> dict[str, float]:
         cfg = self.cfg
         if not len(queries) == len(responses) == len(scores) == cfg.batch_size:
             raise ValueError(f"step needs ppo.batch_size={cfg.batch_size} rollouts, got {len(queries)} queries, "
@@ -263,12 +322,19 @@ class PPOLearner:
         _check_finite("reward scores", scores_t, intact=True)
         batch = pad_batch(queries, responses, self.pad_id, self.padding_side)
         mask = batch.mask.to(self.device)
+        n, ranks = cfg.batch_size, self.ranks
+        # Each rank runs the passes on its own rows; the no-grad results are summed into
+        # whole-batch tensors, so rewards, advantages and statistics are the whole batch's.
+        lo, hi = ranks.own_rows(n)
+        own = batch if ranks.world == 1 else batch.rows(torch.arange(lo, hi))
 
         # 1. forward passes (eval mode: dropout off): reference log-probs, old log-probs, old values
         with torch.no_grad():
-            logp_ref = self._forward(self.ref_model, batch).logp
-        old, reusable = self._rollout_pass(batch)
-        logp_old, v_old = old.logp, old.values
+            logp_ref = ranks.from_rows(self._forward(self.ref_model, own).logp, n)
+        old, reusable = self._rollout_pass(own)
+        logp_old, v_old = ranks.from_rows(old.logp, n), ranks.from_rows(old.values, n)
+        if reusable is not None and ranks.world > 1:  # rows placed where the whole batch has them
+            reusable = reusable.padded_rows(lo, n)
         if behaviour_logprobs is not None:
             flat = torch.tensor([lp for row in behaviour_logprobs for lp in row], device=self.device)
             logp_old = _scatter(flat, mask.bool(), 0, mask.shape[1])
@@ -281,12 +347,20 @@ class PPOLearner:
         timing["time/learner/forward"] = time.perf_counter() - t0
 
         # 5. epochs of minibatch updates, rows in the order self.row_order gives each epoch
+        # (rank 0's orders: the other ranks take them from it, and each its own rows of each minibatch)
         t1 = time.perf_counter()
         mb_stats: list[dict[str, torch.Tensor]] = []
-        epochs = (minibatches(self.row_order(cfg.batch_size), cfg.mini_batch_size) for _ in range(cfg.ppo_epochs))
+        orders = torch.tensor(np.asarray([self.row_order(n) for _ in range(cfg.ppo_epochs)]).reshape(-1, n)
+                              if ranks.rank == 0 else np.zeros((cfg.ppo_epochs, n)), dtype=torch.long)
+        orders = ranks.broadcast_(orders)
+        epochs = (minibatches(order, cfg.mini_batch_size) for order in orders)
         for idx, reused in reuse_first(itertools.chain.from_iterable(epochs), reusable):
+            n_tokens = mask[idx].sum()  # the whole minibatch's, on every rank
+            if ranks.world > 1:
+                keep = (idx >= lo) & (idx < hi)
+                idx, reused = idx[keep], None if reused is None else reused.rows(keep)
             mb_stats.append(self._train_minibatch(batch.rows(idx), logp_old[idx], values[idx], advantages[idx],
-                                                  returns[idx], intact=not mb_stats, outputs=reused))
+                                                  returns[idx], n_tokens, intact=not mb_stats, outputs=reused))
         self.version += 1
         timing["time/learner/update"] = time.perf_counter() - t1
 
@@ -298,18 +372,24 @@ class PPOLearner:
         return stats
 
     def _train_minibatch(self, mb: PaddedBatch, logp_old: torch.Tensor, v_old: torch.Tensor,
-                         advantages: torch.Tensor, returns: torch.Tensor, intact: bool,
+                         advantages: torch.Tensor, returns: torch.Tensor, n_tokens: torch.Tensor, intact: bool,
                          outputs: TokenOutputs | None = None) -> dict[str, torch.Tensor]:
+        mask = mb.mask.to(self.device)
+        if outputs is None and len(mask) == 0:  # this rank owns no row of the minibatch
+            outputs = TokenOutputs(mask.clone(), mask.clone(), mask.clone())
         out_new = outputs or self._policy_forward(mb, with_entropy=True)
         out = ppo.ppo_loss(out_new.logp, logp_old, out_new.values, v_old, advantages, returns,
-                           mb.mask.to(self.device), out_new.entropy, self.cfg.cliprange, self.cfg.cliprange_value,
-                           self.cfg.vf_coef, self.cfg.ratio_threshold)
-        _check_finite("PPO loss", out.loss.detach(), intact)  # before backward: never step on NaN
+                           mask, out_new.entropy, self.cfg.cliprange, self.cfg.cliprange_value,
+                           self.cfg.vf_coef, self.cfg.ratio_threshold,
+                           n_tokens=n_tokens, total=self.ranks.total)
+        _check_finite("PPO loss", out.stats["loss/total"], intact)  # every rank's sum; before backward: never step on NaN
         if out.skipped:
             log.warning("mean PPO ratio above ppo.ratio_threshold=%s: minibatch loss zeroed",
                         self.cfg.ratio_threshold)
         self.optimizer.zero_grad(set_to_none=False)
-        out.loss.backward()
+        if out.loss.requires_grad:  # not on a rank with no row here: its gradient is zero
+            out.loss.backward()
+        self.ranks.sum_grads_(list(self.model.parameters()))
         _check_finite_grads(self.model, intact)
         self.optimizer.step()
         return {k: v.detach().cpu() for k, v in out.stats.items()}
@@ -389,6 +469,10 @@ class PPOLearner:
 
     def load_state_bytes(self, files: dict[str, bytes]) -> int:
         """Restores ``state_bytes``' files; nothing in them is unpickled. Returns the version."""
+        self._tell_ranks("_load_state_bytes", files)
+        return self._load_state_bytes(files)
+
+    def _load_state_bytes(self, files: dict[str, bytes]) -> int:
         from learner.checkpoint import unpack_learner
 
         meta, torch_rng = unpack_learner(files, self.model, self.optimizer)
@@ -410,4 +494,5 @@ class PPOLearner:
 
     def ping(self) -> dict:
         """pid, node, device and weight version, for the driver's start-up log and health checks."""
-        return {**process_info(self.device), "version": self.version}
+        ranks = {"rank_pids": [c.pid for c in self.ranks.children]} if self.ranks.children else {}
+        return {**process_info(self.device), "version": self.version, **ranks}

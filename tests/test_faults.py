@@ -110,6 +110,28 @@ def test_killed_learner_is_replaced_in_job_with_identical_statistics(small_run: 
     assert run.stats()[-1]["failures"] == 1
 
 
+@pytest.mark.timeout(900)
+def test_killed_learner_rank_makes_the_learner_replaced(tmp_path: Path):
+    """cluster.learner_processes=2: SIGKILL the learner's second rank during step 4. The learner
+    actor exits rather than wait on a rank that is gone, and the driver replaces it (with both
+    ranks) from the step-2 checkpoint, as it does any lost learner."""
+    args = [*REF, "--run.checkpoint_every", "2", "--cluster.learner_processes", "2"]
+    proc = _start(args, tmp_path, "rank")
+    try:
+        _read_until(proc, "step 3/4", timeout=600)
+        learner = json.loads((tmp_path / "rank" / "actors.json").read_text())["learner"]
+        assert len(learner["rank_pids"]) == 1, learner
+        os.kill(learner["rank_pids"][0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    warnings = [line for line in out.splitlines() if "the learner died" in line]
+    assert len(warnings) == 1 and "continues from step-000002 (redoing from step 3)" in warnings[0], out[-3000:]
+    stats = DriverRun(tmp_path / "rank", 0, out).stats()
+    assert [s["step"] for s in stats] == [0, 1, 2, 3] and stats[-1]["failures"] == 1
+
+
 @pytest.mark.timeout(1500)
 def test_killed_driver_resumes_an_overlapped_run_exactly(tmp_path: Path):
     """ppo.max_lag=1: the checkpoint holds the batch generated during the last update, so the

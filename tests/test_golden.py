@@ -49,15 +49,25 @@ def _ppo_config(settings: dict) -> PPOConfig:
     return PPOConfig(**{k: v for k, v in settings.items() if k in known})
 
 
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-ranks"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference(case: Path):
+def test_matches_reference(case: Path, processes: int):
+    """With 2 processes (cluster.learner_processes) each rank has its own rows of every
+    minibatch, and the sums over ranks must give the reference's step within the same tolerances."""
     spec = json.loads((case / "case.json").read_text())
     # Cases with several minibatches per epoch record the reference's row order of each epoch;
     # the learner takes them through its row-order seam. Others let it draw its own.
     recorded = iter([perm for step in spec["steps"] for perm in step.get("permutations", [])])
     row_order = (lambda n: next(recorded)) if "permutations" in spec["steps"][0] else None
     learner = PPOLearner(str(case / "policy"), _ppo_config(spec["ppo"]), seed=spec["ppo"].get("seed", 0),
-                         device="cpu", row_order=row_order)
+                         device="cpu", row_order=row_order, processes=processes, torch_threads=processes)
+    try:
+        _replay(case, spec, learner)
+    finally:
+        learner.close()
+
+
+def _replay(case: Path, spec: dict, learner: PPOLearner) -> None:
     for n, step in enumerate(spec["steps"], start=1):
         stats = learner.step(step["queries"], step["responses"], step["scores"])
         bad = []

@@ -1,6 +1,7 @@
 """The learner in one process: it learns, it saves what pipelines load, bad input fails clearly."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,30 @@ def test_only_the_first_minibatch_reuses_the_rollout_pass():
     assert pairs[0][1].logp.tolist() == [[4.0, 5.0], [0.0, 1.0]]
     assert pairs[0][1].entropy is None and [reused for _, reused in pairs[1:]] == [None, None]
     assert [reused for _, reused in reuse_first(iter(batches), None)] == [None] * 3
+
+
+def test_ranks_take_identical_steps_and_a_lost_rank_is_an_error_not_a_hang(tiny_policy: Path):
+    """Two ranks (cluster.learner_processes=2): after a step with 3 minibatches per epoch (one rank
+    owns no row of some of them) both replicas hold the same weights, a bad batch is refused
+    on both and the ranks go on, and a killed rank makes the next step raise RankLost at once."""
+    from learner.dataparallel import RankLost, Ranks
+
+    cfg = PPOConfig(batch_size=6, mini_batch_size=2, ppo_epochs=2)
+    learner = PPOLearner(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=2, processes=2)
+    try:
+        assert learner.ranks.own_rows(6) == (0, 3)
+        gen = torch.Generator().manual_seed(0)
+        queries = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16], [17, 18, 19]]
+        responses = _sample(learner, [q[:1] for q in queries], 4, gen)
+        with pytest.raises(ValueError, match="ppo.batch_size=6"):
+            learner.step(queries[:5], responses[:5], [0.0] * 5)
+        stats = learner.step(queries, responses, [1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
+        assert math.isfinite(stats["ppo/loss/total"])
+        assert learner.weights_agree()
+        learner.ranks.children[0].kill()
+        learner.ranks.children[0].wait()
+        with pytest.raises(RankLost, match="rank 1 .* exited"):
+            learner.step(queries, responses, [0.0] * 6)
+    finally:
+        learner.close()
+    assert isinstance(Ranks.single().own_rows(5), tuple)
