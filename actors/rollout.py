@@ -103,7 +103,8 @@ def cut_response(tokens: list[int], length: int, eos_id: int) -> int:
 class InverseCdfSampling(LogitsProcessor):
     """Draws each row's next token from softmax(scores) with one uniform number (the inverse of
     the cumulative distribution, summed in float64), and returns scores that only the drawn
-    token tops, so ``generate``'s greedy pick is the draw.
+    token tops, so ``generate``'s greedy pick is the draw. Only the running sum is in float64, so
+    the last entries of a 50k vocabulary are not lost to rounding.
 
     Why not ``generate``'s own sampling: ``torch.multinomial`` draws one exponential number per
     vocabulary entry and row; on CPU that was 29% of a rollout actor's generation (11 ms a token
@@ -115,7 +116,7 @@ class InverseCdfSampling(LogitsProcessor):
         self.generator = generator
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cdf = torch.softmax(scores, dim=-1, dtype=torch.float64).cumsum_(dim=-1)
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1, dtype=torch.float64)  # as generate: fp32 softmax
         u = torch.rand((len(scores), 1), generator=self.generator, dtype=torch.float64, device=scores.device)
         # The first entry whose cumulative sum exceeds u: entries of probability 0 (cut by top-k/top-p)
         # never are, since their sum equals the one before them.

@@ -161,7 +161,7 @@ class ClusterConfig:
     """data-parallel processes of a CPU learner on its node (learner/dataparallel.py): each takes its
     share of every minibatch's rows and of the learner's threads, gradients are summed; the same step as
     one process. Small models keep more cores busy this way (stand-ins on 2 cores: 2 processes, see
-    BENCHMARKS.md); a GPU learner takes 1"""
+    BENCHMARKS.md); a learner on a GPU runs as one process whatever this says"""
     torch_threads: int = 0
     """torch threads per actor (0: the learner and the reward actors use every core of their node, as they
     compute one at a time; rollout actors, which generate at the same time, cores / num_rollout_workers)"""
@@ -185,9 +185,6 @@ class ClusterConfig:
             "reward_gpus": GPUS, "learner_gpus": GPUS, "learner_cpus": NON_NEGATIVE, "learner_processes": POSITIVE,
             "torch_threads": NON_NEGATIVE,
             "placement_timeout_s": POSITIVE, "call_timeout_s": POSITIVE, "max_failures": NON_NEGATIVE})
-        if self.learner_processes > 1 and self.learner_gpus > 0:
-            raise ConfigError(f"cluster.learner_processes={self.learner_processes} runs the learner on CPU only: "
-                              "set cluster.learner_processes=1 with cluster.learner_gpus > 0")
         if self.weight_broadcast not in ("object_store", "collective"):
             raise ConfigError(f"cluster.weight_broadcast '{self.weight_broadcast}' must be object_store or collective")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

@@ -166,10 +166,12 @@ class PPOLearner:
         """``processes`` > 1 starts that many data-parallel ranks on this node (learner/dataparallel.py),
         each with ``torch_threads / processes`` threads; ``ranks`` is given to the ranks it starts."""
         self.device = resolve_device(device)
+        if processes > 1 and self.device.type != "cpu":
+            # The placement gave this learner a GPU (cluster.learner_gpus=-1 fits the cluster): one process.
+            log.warning("cluster.learner_processes=%d is for a CPU learner; this one runs on %s, as one process",
+                        processes, self.device)
+            processes = 1
         if processes > 1:
-            if self.device.type != "cpu":
-                raise ValueError(f"cluster.learner_processes={processes} runs the learner on CPU only, but its "
-                                 f"device is {self.device}: set cluster.learner_processes=1 for a GPU learner")
             torch_threads = max(1, (torch_threads or os.cpu_count() or 1) // processes)
             ranks = Ranks.start(processes, rank_timeout_s, exit_on_rank_loss)
             ranks.send({"policy": policy, "ppo_cfg": ppo_cfg, "seed": seed, "device": "cpu",
