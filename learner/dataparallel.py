@@ -1,9 +1,10 @@
 """Data-parallel ranks of the learner on its node (``cluster.learner_processes``).
 
 Why processes and not threads: the PPO step's matrices are small (a minibatch is a few
-thousand tokens), so torch's second thread mostly waits for the first. Measured on 2 CPU
-cores with the stand-in policy: one process with 2 threads 2.8-3.2 s a step, two processes
-with 1 thread and half the rows each 2.5 s (BENCHMARKS.md section 2).
+thousand tokens), so torch's second thread often waits for the first, and both wait whenever
+either core is busy with something else. Measured on 2 CPU cores, the stand-in policy's step
+alone (batch 128), one process with 2 threads against two with 1 thread each, alternated:
+3.23/2.76 s, 3.02/2.84 s, 3.25/2.92 s (BENCHMARKS.md section 2).
 
 How: rank 0 is the ``PPOLearner`` the driver talks to; it starts ranks 1..W-1 as child
 processes (``python -m learner.dataparallel``), each with its own replica of the policy,
@@ -172,7 +173,12 @@ class Ranks:
 
 
 def _gloo(store: dist.Store, rank: int, world: int, timeout_s: float) -> Any:
-    return dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=timeout_s))
+    """A gloo group on the loopback interface: the ranks share a node, and nothing else
+    should reach them (gloo's default device binds the address the host name resolves to)."""
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    options._timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.ProcessGroupGloo(store, rank, world, options)
 
 
 def _die_with_parent(parent: int) -> None:

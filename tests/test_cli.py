@@ -53,7 +53,7 @@ def test_help_shows_each_setting_once_with_its_whole_doc_and_default():
     flat = " ".join(flat.split())
     # A doc that spans lines is shown whole, and its default once.
     assert ("the behaviour policy's log-probs are then the old log-probs of the PPO ratio. Pays only when "
-            "rollout actors have their own GPUs or nodes; slower where they share the learner's cores "
+            "rollout actors have their own GPUs or nodes; no faster where they share the learner's cores "
             '(README: "When ppo.max_lag=1 pays") (default: 0)') in flat
     assert "(default: None)" not in flat
 
