@@ -95,11 +95,6 @@ class LossOutput:
     skipped: bool  # the mean ratio exceeded ratio_threshold, so the loss was zeroed
 
 
-STAT_ORDER = ("loss/policy", "loss/value", "loss/total", "policy/entropy", "policy/approxkl", "policy/policykl",
-              "policy/clipfrac", "policy/ratio_mean", "policy/advantages_mean", "returns/mean", "returns/var",
-              "val/vpred", "val/error", "val/clipfrac", "val/mean", "val/var")
-
-
 def _no_other_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -168,7 +163,6 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor
             "returns/var": share((returns - stats["returns/mean"]) ** 2) * (n / (n - 1)),
             "val/var": share((v_old - stats["val/mean"]) ** 2) * (n / (n - 1)),
         }))
-        stats = {key: stats[key] for key in STAT_ORDER}
 
     skipped = stats["policy/ratio_mean"].item() > ratio_threshold
     if skipped:

@@ -193,8 +193,8 @@ class PPOLearner:
         self.padding_side = "right"
         # Every rank starts from rank 0's weights (they load the same files; this makes sure).
         if self.ranks.world > 1:
-            flat = self.ranks.broadcast_(torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]))
-            torch.nn.utils.vector_to_parameters(flat, self.model.parameters())
+            flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
+            torch.nn.utils.vector_to_parameters(self.ranks.broadcast_(flat), self.model.parameters())
 
     # ------------------------------------------------------------------ data-parallel ranks
 

@@ -5,13 +5,8 @@ the async Ray actor body that merges the requests of all rollout actors into suc
 Never imports learner/ or actors/ (arrows point learner -> rewards). The names below load on
 first use, so ``rewards.settings`` alone imports no torch.
 """
-import importlib
+from modelhost.exports import lazy_attributes
 
 _WHERE = {"RewardServer": "rewards.server", "RewardSettings": "rewards.settings", "SentimentScorer": "rewards.scorer"}
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'rewards' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _WHERE)
