@@ -152,7 +152,11 @@ def quick_run(tmp_path_factory, shared_dir, prometheus) -> DriverRun:
            "--run.trackers", trackers]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp),
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_tmp / "auth_token"),
-           "RAY_PROMETHEUS_HOST": prometheus.url, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+           "RAY_PROMETHEUS_HOST": prometheus.url, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           # Ray's processes report metrics every 2 s instead of 10 s, so each of Prometheus's 10 s
+           # scrapes of this short run (10 fast steps) sees fresh values and the panels' rate()
+           # windows hold changing samples.
+           "RAY_metrics_report_interval_ms": "2000"}
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
