@@ -2,20 +2,21 @@
 
 A plain Python class; the driver makes it an actor with ``ray.remote(...)(RolloutWorker)``.
 Each PPO step the driver splits the step's queries into shards, one per worker; a worker
-generates its shard in one batched ``generate`` call and (in ``rollout``) sends the texts
-to a sentiment scorer.
+samples its shard in one batched loop (``sample_responses``) and (in ``rollout``) sends the
+texts to a sentiment scorer.
 
 Sampling is the reference recipe's (docs/seed.md): top_k=0, top_p=1.0, temperature 1,
 ``max_new_tokens`` drawn uniformly from [response_min_tokens, response_max_tokens] per query,
-EOS ends a response and stays in it. Generating to the longest drawn length and cutting each
-response to its own length samples the same distribution as one query at a time.
+EOS ends a response and stays in it. Sampling a batch, each row up to its own length, samples
+the same distribution as one query at a time.
 
 Two faults of the original notebook are avoided on purpose: it generated one query at a time
 (slow), and it cut responses with ``[-gen_len:]``, which takes query tokens when EOS ends a
-response early. Here the generated ids are sliced off at the padded input length.
+response early. Here each response holds only the tokens sampled for it.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+from transformers import (AutoModelForCausalLM, DynamicCache, LogitsProcessor, LogitsProcessorList,
                           PreTrainedModel, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from actors.settings import RolloutSettings
@@ -51,7 +52,7 @@ class Rollout:
     """(B,) decode(query + response, skip_special_tokens=True): what the reward model reads.
     The notebook kept <|endoftext|> in the text; skipping it is a deliberate change."""
     logprobs: list[list[float]]
-    """(B, Lr_i) behaviour-policy log-prob of each response token, from generate's raw logits in fp32."""
+    """(B, Lr_i) behaviour-policy log-prob of each response token, from the raw logits in fp32."""
     scores: list[float] | None
     """(B,) reward per sequence; None until scored."""
     weight_version: int
@@ -61,7 +62,7 @@ class Rollout:
     shard: int
     """Which shard of the step's queries this is."""
     generate_seconds: float
-    """Wall time of padding, generate, cutting and decoding."""
+    """Wall time of padding, sampling and decoding."""
     score_seconds: float
     """Wall time of scoring (0.0 until scored)."""
     weight_fingerprint: list[float] | None = None
@@ -94,22 +95,16 @@ def left_pad(queries: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, attention_mask
 
 
-def cut_response(tokens: list[int], length: int, eos_id: int) -> int:
-    """Length of a response: its drawn length, or up to and including its first EOS if sooner."""
-    head = tokens[:length]
-    return head.index(eos_id) + 1 if eos_id in head else len(head)
-
-
 class InverseCdfSampling(LogitsProcessor):
     """Draws each row's next token from softmax(scores) with one uniform number (the inverse of
     the cumulative distribution, summed in float64), and returns scores that only the drawn
-    token tops, so ``generate``'s greedy pick is the draw. Only the running sum is in float64, so
+    token tops, so an argmax picks the draw. Only the running sum is in float64, so
     the last entries of a 50k vocabulary are not lost to rounding.
 
-    Why not ``generate``'s own sampling: ``torch.multinomial`` draws one exponential number per
-    vocabulary entry and row; on CPU that was 29% of a rollout actor's generation (11 ms a token
-    for 64 rows of an 8192-token vocabulary, against about 1 ms here). The distribution is the
-    same; the tokens a given seed draws are not.
+    Why not the sampling of transformers' ``generate``: ``torch.multinomial`` draws one
+    exponential number per vocabulary entry and row; on CPU that was 29% of a rollout actor's
+    generation (11 ms a token for 64 rows of an 8192-token vocabulary, against about 1 ms here).
+    The distribution is the same; the tokens a given seed draws are not.
     """
 
     def __init__(self, generator: torch.Generator) -> None:
@@ -125,44 +120,70 @@ class InverseCdfSampling(LogitsProcessor):
 
 
 def sampling_processors(settings: RolloutSettings, generator: torch.Generator) -> LogitsProcessorList:
-    """The recipe's warpers in ``generate``'s own order (temperature, top-k, top-p), then the draw."""
+    """The recipe's warpers in transformers' ``generate`` order (temperature, top-k, top-p), then the draw."""
     warpers = ([TemperatureLogitsWarper(settings.temperature)] if settings.temperature != 1.0 else []) + \
         ([TopKLogitsWarper(settings.top_k)] if settings.top_k > 0 else []) + \
         ([TopPLogitsWarper(settings.top_p)] if settings.top_p < 1.0 else [])
     return LogitsProcessorList([*warpers, InverseCdfSampling(generator)])
 
 
-def sampling_config(settings: RolloutSettings, max_new_tokens: int, eos_id: int) -> GenerationConfig:
-    """A complete config, so no field falls back to the model's generation_config.json.
-
-    transformers 5 fills every field left None from model.generation_config (min_length,
-    repetition_penalty, ...); the worker also replaces that with a bare one at load time.
-    Greedy on purpose: the sampling happens in ``sampling_processors``.
-    """
-    return GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, min_length=0, num_beams=1,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True,
-        output_logits=True, return_dict_in_generate=True)
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name a model's forward takes its KV cache by: transformers 5.2x renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def sample_batch(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 config: GenerationConfig, processors: LogitsProcessorList) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batched generate call (KV cache on); returns sequences (B, P+T) and new-token log-probs (B, T).
+def sample_responses(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     lengths: Sequence[int], eos_id: int, processors: LogitsProcessorList
+                     ) -> tuple[list[list[int]], list[list[float]]]:
+    """Samples one response per left-padded row (B, P), token by token with a KV cache; returns
+    each row's tokens (B, Lr_i) and their log-probs (B, Lr_i).
+
+    A row stops at its drawn length ``lengths[i]`` or at its first EOS (kept), and then leaves
+    the batch and the cache. Why not ``model.generate``: it runs every row to the longest drawn
+    length and the excess is cut off afterwards; lengths are drawn uniformly from 4..16 in the
+    recipe, so over a third of its row-tokens were thrown away (64 rows of the stand-in on one
+    core: 0.42 s with generate, 0.34 s here; BENCHMARKS.md section 2). Each token is drawn by
+    ``processors``, whose output only the drawn token tops (``sampling_processors``).
 
     Log-probs come from the raw logits (before any warper) in fp32, so they are the policy's own
     log pi(token | prefix), the quantity PPO's ratio needs; with the recipe's sampling the
     warpers are identities anyway.
     """
+    device = input_ids.device
+    responses: list[list[int]] = [[] for _ in lengths]
+    logprobs: list[list[float]] = [[] for _ in lengths]
+    rows = list(range(len(lengths)))  # the rows still sampling, as indices into the batch
+    limit = torch.tensor(list(lengths), device=device)  # (b,) the remaining rows' drawn lengths
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: queries start at position 0
+    seen = input_ids  # (b, P + t): what the processors are given as input_ids
+    cache = DynamicCache()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions,
+              _cache_argument(model.base_model): cache, "use_cache": True}
+    head = model.get_output_embeddings()
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             logits_processor=processors)
-    new_ids = out.sequences[:, input_ids.shape[1]:]  # (B, T): sliced at the padded input length
-    # One step at a time keeps the peak at (B, V) rather than (B, T, V) for a 50k vocabulary.
-    logprobs = torch.stack([
-        torch.log_softmax(step_logits.float(), dim=-1).gather(-1, new_ids[:, t:t + 1]).squeeze(-1)
-        for t, step_logits in enumerate(out.logits)], dim=1)  # (B, T)
-    return out.sequences, logprobs
+        for t in range(max(lengths)):
+            hidden = model.base_model(**inputs).last_hidden_state[:, -1]  # (b, H): each row's last position
+            raw = head(hidden).float()  # (b, V)
+            token = processors(seen, raw).argmax(dim=-1)  # (b,)
+            logp = torch.log_softmax(raw, dim=-1).gather(-1, token[:, None]).squeeze(-1)  # (b,)
+            for i, tok, lp in zip(rows, token.tolist(), logp.tolist()):
+                responses[i].append(tok)
+                logprobs[i].append(lp)
+            going = (token != eos_id) & (limit > t + 1)  # (b,)
+            if not bool(going.any()):
+                break
+            positions = positions[:, -1:] + 1  # (b, 1)
+            mask = inputs["attention_mask"]
+            if not bool(going.all()):  # finished rows leave the batch and the cache
+                keep = going.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows = [rows[k] for k in keep.tolist()]
+                limit, token, positions, mask, seen = limit[keep], token[keep], positions[keep], mask[keep], seen[keep]
+            seen = torch.cat([seen, token[:, None]], dim=1)
+            inputs.update(input_ids=token[:, None], position_ids=positions,
+                          attention_mask=torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1))
+    return responses, logprobs
 
 
 class RolloutWorker:
@@ -183,9 +204,6 @@ class RolloutWorker:
         self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.eos_id = int(self.tokenizer.eos_token_id)
-        # A bare generation config, so nothing from generation_config.json reaches sampling.
-        self.model.generation_config = GenerationConfig(
-            bos_token_id=self.eos_id, eos_token_id=self.eos_id, pad_token_id=self.eos_id)
         self.model.to(self.device).eval()
         self.max_positions = int(getattr(self.model.config, "n_positions",
                                          getattr(self.model.config, "max_position_embeddings", 0)))
@@ -278,23 +296,19 @@ class RolloutWorker:
             group.destroy()
 
     def generate(self, queries: list[list[int]], step: int, shard: int) -> Rollout:
-        """Samples one response per query in a single batched generate call; scores stay None."""
+        """Samples one response per query in one batched loop (``sample_responses``); scores stay None."""
         queries = self._checked_queries(queries)
         start = time.perf_counter()
         lengths, torch_seed = draw_lengths_and_seed(self.settings, step, shard, len(queries))
         input_ids, attention_mask = left_pad(queries, self.eos_id)
         generator = torch.Generator(self.device).manual_seed(torch_seed)
-        sequences, logprobs = sample_batch(
-            self.model, input_ids.to(self.device), attention_mask.to(self.device),
-            sampling_config(self.settings, max(lengths), self.eos_id), sampling_processors(self.settings, generator))
-        new_ids = sequences[:, input_ids.shape[1]:].tolist()  # (B, T)
-        new_logprobs = logprobs.tolist()  # (B, T)
-        keep = [cut_response(ids, n, self.eos_id) for ids, n in zip(new_ids, lengths)]
-        responses = [ids[:k] for ids, k in zip(new_ids, keep)]
+        responses, logprobs = sample_responses(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device), lengths, self.eos_id,
+            sampling_processors(self.settings, generator))
         texts = self.tokenizer.batch_decode([q + r for q, r in zip(queries, responses)],
                                             skip_special_tokens=True)
         return Rollout(queries=queries, responses=responses, texts=texts,
-                       logprobs=[lp[:k] for lp, k in zip(new_logprobs, keep)], scores=None,
+                       logprobs=logprobs, scores=None,
                        weight_version=self._weight_version, weight_fingerprint=self.weight_fingerprint(),
                        step=step, shard=shard,
                        generate_seconds=time.perf_counter() - start, score_seconds=0.0)

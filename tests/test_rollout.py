@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from actors import Rollout, RolloutSettings, RolloutWorker
-from actors.rollout import (InverseCdfSampling, draw_lengths_and_seed, left_pad, sample_batch, sampling_config,
+from actors.rollout import (InverseCdfSampling, draw_lengths_and_seed, left_pad, sample_responses,
                             sampling_processors)
 from modelhost.loading import ModelLoadError
 
@@ -91,19 +92,31 @@ def test_responses_are_cut_to_drawn_length_and_first_eos(eos_worker: RolloutWork
     assert ended_early > 0, "the EOS-prone policy should end some responses early"
 
 
-def test_sequences_are_left_padded_input_then_response(eos_worker: RolloutWorker, queries):
-    """Redo generate's one batched call by hand and check that the responses are its new ids."""
-    out = eos_worker.generate(queries, step=5, shard=2)
-    lengths, seed = draw_lengths_and_seed(eos_worker.settings, 5, 2, len(queries))
+def test_sampling_loop_takes_the_tokens_generate_takes(eos_worker: RolloutWorker, queries):
+    """With greedy picks (no sampler), the loop that drops finished rows from the batch and the
+    KV cache gives what transformers' ``generate`` gives when every row runs to the longest
+    drawn length and is cut afterwards: the same tokens, left padding and cache kept in step."""
+    lengths, _ = draw_lengths_and_seed(eos_worker.settings, 5, 2, len(queries))
     input_ids, mask = left_pad(queries, eos_worker.eos_id)
-    sequences, _ = sample_batch(eos_worker.model, input_ids, mask,
-                                sampling_config(eos_worker.settings, max(lengths), eos_worker.eos_id),
-                                sampling_processors(eos_worker.settings, torch.Generator().manual_seed(seed)))
+    eos = eos_worker.eos_id
+    responses, logprobs = sample_responses(eos_worker.model, input_ids, mask, lengths, eos, LogitsProcessorList())
+    with torch.no_grad():
+        generated = eos_worker.model.generate(
+            input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max(lengths), min_length=0,
+            eos_token_id=eos, pad_token_id=eos, repetition_penalty=1.0, no_repeat_ngram_size=0,
+            output_logits=True, return_dict_in_generate=True)
     width = input_ids.shape[1]
-    for i, (query, response) in enumerate(zip(queries, out.responses)):
-        assert mask[i].tolist() == [0] * (width - len(query)) + [1] * len(query)
-        assert sequences[i, :width].tolist() == [eos_worker.eos_id] * (width - len(query)) + query
-        assert sequences[i, width:width + len(response)].tolist() == response
+    expected_logp = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in generated.logits], dim=1)  # (B, T, V)
+    assert [mask[i].tolist() for i in range(len(queries))] == [[0] * (width - len(q)) + [1] * len(q) for q in queries]
+    ended_early = 0
+    for i, (row, length, response) in enumerate(zip(generated.sequences[:, width:].tolist(), lengths, responses)):
+        head = row[:length]
+        expected = head[:head.index(eos) + 1] if eos in head else head
+        assert response == expected
+        at = expected_logp[i, torch.arange(len(response)), torch.tensor(response)]
+        assert np.allclose(logprobs[i], at.numpy(), atol=1e-5)
+        ended_early += len(response) < length
+    assert ended_early > 0 and len(set(map(len, responses))) > 2, "some rows must leave the batch early"
 
 
 def test_forced_eos_gives_eos_only_responses_not_query_tokens(policy_dir: Path, queries):
