@@ -6,7 +6,7 @@ DIR holds a copy of ``shared/models/gpt2-imdb-mini`` (its tokenizer is reused fo
 random GPT-2-small policy) and ``shared/models/distilbert-imdb-mini`` (the reward model).
 For a GPT-2-small-sized policy (GPT2Config() defaults, 124M parameters, random weights:
 the hub is unreachable) and for the stand-in policy, it times the recipe's step at batch
-128: generation (one batched call), scoring, the PPO update, and the in-process weight
+128: generation (one batched sampling loop), scoring, the PPO update, and the in-process weight
 hand-over (learner.weights() -> worker.load_weights), after one warm-up step; the
 GPT-2-small learner once more with bf16 autocast (ppo.bf16). Prints a
 table and writes gpu_check.json to $OUT (or the current directory).
