@@ -128,8 +128,8 @@ def sampling_processors(settings: RolloutSettings, generator: torch.Generator) -
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
-    """The name a model's forward takes its KV cache by: transformers 5.2x renamed
-    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+    """The name a model's forward takes its KV cache by: recent transformers 5 releases call it
+    ``cache`` (``past_key_values`` still works there, with a warning that it goes in 5.40)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -143,7 +143,7 @@ def sample_responses(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     the batch and the cache. Why not ``model.generate``: it runs every row to the longest drawn
     length and the excess is cut off afterwards; lengths are drawn uniformly from 4..16 in the
     recipe, so over a third of its row-tokens were thrown away (64 rows of the stand-in on one
-    core: 0.42 s with generate, 0.34 s here; BENCHMARKS.md section 2). Each token is drawn by
+    core: 0.47 s with generate, 0.32 s here; BENCHMARKS.md section 2). Each token is drawn by
     ``processors``, whose output only the drawn token tops (``sampling_processors``).
 
     Log-probs come from the raw logits (before any warper) in fp32, so they are the policy's own
