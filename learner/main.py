@@ -16,8 +16,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 SETUP = "pip install torch==2.13.0 && pip install -e ."
+
+
+def missing_dependency_fix(root: Path = Path(__file__).resolve().parents[1], prefix: str = sys.prefix) -> str:
+    """What to do when this Python lacks the project's packages: use the checkout's ``.venv``
+    if the README's set-up made one (the usual cause is a shell where it is not active), or
+    install the project."""
+    venv = root / ".venv"
+    if (venv / "bin" / "python").exists() and Path(prefix).resolve() != venv.resolve():
+        return (f"this is not the project's environment; activate the one the README's set-up made "
+                f"(`source {venv}/bin/activate`) and run the command again")
+    return (f"install the project first, as the README says (`{SETUP}` in a virtual environment; "
+            f"on a GPU machine, the torch build for your CUDA)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from learner.driver import train
         from learner.placement import PlacementError
     except ModuleNotFoundError as err:
-        print(f"error: {err} in {sys.executable}: install the project first, as the README says "
-              f"(`{SETUP}` in a virtual environment; on a GPU machine, the torch build for your CUDA)",
-              file=sys.stderr)
+        print(f"error: {err} in {sys.executable}: {missing_dependency_fix()}", file=sys.stderr)
         return 2
     except (ConfigError, ModelLoadError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

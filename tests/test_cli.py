@@ -141,6 +141,19 @@ def test_every_float_setting_refuses_nan():
         assert "\n" not in str(err.value)
 
 
+def test_missing_dependencies_point_to_the_checkouts_venv_or_the_install(tmp_path: Path):
+    """A Python without the project's packages: activate the README's .venv where there is one
+    (and it is not this Python's), else install the project."""
+    from learner.main import SETUP, missing_dependency_fix
+
+    assert SETUP in missing_dependency_fix(tmp_path, sys.prefix)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").touch()
+    fix = missing_dependency_fix(tmp_path, "/usr")
+    assert f"source {tmp_path / '.venv'}/bin/activate" in fix and SETUP not in fix
+    assert SETUP in missing_dependency_fix(tmp_path, str(tmp_path / ".venv"))  # the venv itself lacks them
+
+
 def test_help_needs_no_torch_and_a_run_without_it_says_how_to_install():
     """``--help`` builds from the settings code alone; a Python without torch gets one line, exit 2."""
     # A finder that refuses torch, as a Python without it would (sys.modules['torch'] = None
@@ -164,4 +177,6 @@ def test_help_needs_no_torch_and_a_run_without_it_says_how_to_install():
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: No module named 'torch'"), run.stderr[-2000:]
-    assert "pip install torch==2.13.0" in lines[0]
+    from learner.main import missing_dependency_fix
+
+    assert lines[0].endswith(missing_dependency_fix())  # the same Python: the install line, or the .venv to activate
