@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from learner import main as driver
+from learner.main import SETUP, missing_dependency_fix
 from learner.config import Config, leaves, parse_args
 
 from conftest import IMDB_DIR, POLICY_DIR, REPO, REWARD_DIR
@@ -144,8 +145,6 @@ def test_every_float_setting_refuses_nan():
 def test_missing_dependencies_point_to_the_checkouts_venv_or_the_install(tmp_path: Path):
     """A Python without the project's packages: activate the README's .venv where there is one
     (and it is not this Python's), else install the project."""
-    from learner.main import SETUP, missing_dependency_fix
-
     assert SETUP in missing_dependency_fix(tmp_path, sys.prefix)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "python").touch()
@@ -177,6 +176,4 @@ def test_help_needs_no_torch_and_a_run_without_it_says_how_to_install():
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: No module named 'torch'"), run.stderr[-2000:]
-    from learner.main import missing_dependency_fix
-
     assert lines[0].endswith(missing_dependency_fix())  # the same Python: the install line, or the .venv to activate
