@@ -11,20 +11,20 @@ only its section.
 """
 from __future__ import annotations
 
-import contextlib
+import argparse
+import ast
 import dataclasses
 import difflib
-import io
+import inspect
 import logging
 import math
-import re
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
-import tyro
 import yaml
 
 from actors.settings import RolloutSettings
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and says how to fix it."""
+
+
+DRIVER_SETS = "set by the driver"
+"""Marks a field the driver sets itself (``Annotated[int, DRIVER_SETS]``): no flag, no YAML key."""
 
 
 # Range rules for a section's numbers: (test, what the message says it must be).
@@ -223,8 +227,8 @@ class RolloutSection(RolloutSettings):
     """The rollout actors' own settings (actors.rollout.RolloutSettings). The driver sets the seed
     (run.seed) and the torch threads (cluster.torch_threads) itself, so they are not offered."""
 
-    seed: tyro.conf.Suppress[int] = 0
-    torch_threads: tyro.conf.Suppress[int] = 1
+    seed: Annotated[int, DRIVER_SETS] = 0
+    torch_threads: Annotated[int, DRIVER_SETS] = 1
 
     def for_actor(self, seed: int, torch_threads: int) -> RolloutSettings:
         """The plain actor-side dataclass: actors never unpickle a learner type."""
@@ -236,7 +240,7 @@ class RewardSection(RewardSettings):
     """The reward actors' own settings (rewards.scorer.RewardSettings). The driver sets the torch
     threads (cluster.torch_threads) itself, so they are not offered."""
 
-    torch_threads: tyro.conf.Suppress[int] = 1
+    torch_threads: Annotated[int, DRIVER_SETS] = 1
 
     def for_actor(self, torch_threads: int) -> RewardSettings:
         return RewardSettings(**{**dataclasses.asdict(self), "torch_threads": torch_threads})
@@ -324,28 +328,22 @@ FROZEN_ON_RESUME = ("rollout.policy", "reward.model", "reward.positive_label", "
                     "ppo.batch_size", "ppo.mini_batch_size", "run.seed", "cluster.num_rollout_workers")
 
 
-@dataclass
-class CommandLine:
-    """PPO fine-tuning of GPT-2 on IMDB with a sentiment reward, on Ray.
+DESCRIPTION = """PPO fine-tuning of GPT-2 on IMDB with a sentiment reward, on Ray.
 
-    Every setting is a flag named by its place in the config tree. A YAML file (--config)
-    may hold any of them, nested the same way; flags win over it. With --resume RUN_DIR the
-    run's saved config is the base. Short aliases: --policy, --reward-model, --dataset,
-    --steps, --seed, --address, --num-rollout-workers, --out-dir, --learning-rate,
-    --batch-size, --resume."""
-
-    config: str = ""
-    """YAML file of settings, nested like the flags; flags win over it"""
-    settings: Annotated[Config, tyro.conf.arg(name="")] = field(default_factory=Config)
+Every setting is a flag named by its place in the config tree (- and _ alike). A YAML file
+(--config) may hold any of them, nested the same way; flags win over it. With --resume RUN_DIR
+the run's saved config is the base. Short aliases: --policy, --reward-model, --dataset,
+--steps, --seed, --address, --num-rollout-workers, --out-dir, --learning-rate, --batch-size,
+--resume."""
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner.main") -> Config:
     """Defaults <- a resumed run's saved config <- the YAML file <- flags, validated.
 
-    tyro builds the command line (and ``--help``) from the dataclasses; every error it or the
-    checks find is one ConfigError line.
+    The command line (and ``--help``) is built from the dataclasses with argparse; every error
+    it or the checks find is one ConfigError line.
     """
-    args = [_expand_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
+    args = [_spelled(_expand_alias(a)) for a in (sys.argv[1:] if argv is None else argv)]
     resume = _flag_value(args, "run.resume")
     run_dir = _resumable_run_dir(resume) if resume else None
     saved = saved_settings(run_dir / "config.yaml") if run_dir else {}
@@ -358,47 +356,101 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner
             if name not in offered:
                 raise _unknown(name, list(offered))
         base.update(settings)
-    default = CommandLine(config_file or "", from_overrides(base, validate=False))
-    cli, unknown = _tyro(args, default, prog)
+    cfg = from_overrides(base, validate=False)
+    flags, unknown = _parser(cfg, config_file or "", prog).parse_known_args(args)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), list(leaves()) + list(ALIASES))
-    cfg = cli.settings
+    for name in leaves():
+        set_path(cfg, name, getattr(flags, name))
     if run_dir:
         _check_resumable_changes(cfg, saved, run_dir)
     return cfg.validate()
 
 
-def _tyro(args: list[str], default: CommandLine, prog: str) -> tuple[CommandLine, list[str]]:
-    """tyro's parse; its error panel becomes one ConfigError line (--help prints as usual)."""
-    if any(a in ("-h", "--help") for a in args):
-        return tyro.cli(CommandLine, args=args, default=default, prog=prog, use_underscores=True,
-                        return_unknown_args=True, config=(tyro.conf.FlagConversionOff,))
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            return tyro.cli(CommandLine, args=args, default=default, prog=prog, use_underscores=True,
-                            return_unknown_args=True, config=(tyro.conf.FlagConversionOff,))
-    except SystemExit:
-        raise ConfigError(_panel_message(out.getvalue()) or f"bad command line (see {prog} --help)") from None
-    except ValueError as err:  # a section's own check (__post_init__), raised while tyro builds it
-        raise ConfigError(str(err)) from None
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that raises its error as a ConfigError line instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
-def _panel_message(text: str) -> str:
-    """The message of tyro's error panel: the lines between its first two rules, joined."""
-    lines = [ln.strip(" │╭╮╰╯") for ln in text.splitlines()]
-    rules = [i for i, ln in enumerate(lines) if ln and set(ln) <= set("-─")]
-    body = lines[rules[0] + 1:rules[1]] if len(rules) >= 2 else lines
-    message = " ".join(ln for ln in body if ln).removeprefix("Error parsing ")
-    # A section's own check comes as "settings.ppo: ppo.cliprange ..."; say it once.
-    return re.sub(r"^settings\.(\w+): (?=\1\.)", "", message).removeprefix("settings.")
+def _parser(default: Config, config_file: str, prog: str) -> argparse.ArgumentParser:
+    """One flag per setting, grouped by section, each with its field's doc and current default
+    (the YAML file's or the resumed run's value where one is given)."""
+    parser = _OneLineParser(prog=prog, description=DESCRIPTION, allow_abbrev=False,
+                            usage="%(prog)s [-h] [--config FILE] [--SECTION.SETTING VALUE ...]",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default=config_file,
+                        help=f"YAML file of settings, nested like the flags; flags win over it "
+                             f"(default: {config_file!r})")
+    offered = leaves()
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(default, section.name))
+        own_doc = cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")  # not dataclass's signature
+        group = parser.add_argument_group(f"{section.name} options",
+                                          textwrap.fill(" ".join(cls.__doc__.split()), 88) if own_doc else None)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            name = f"{section.name}.{f.name}"
+            if name in offered:
+                typ, value = offered[name][0], get_path(default, name)
+                shown = repr(value) if typ is str else value
+                group.add_argument(f"--{name}", dest=name, default=value, type=_converter(typ),
+                                   metavar=typ.__name__.upper(),
+                                   help=_help_text(f"{docs.get(f.name, '')} (default: {shown})"))
+    return parser
+
+
+def _help_text(text: str) -> str:
+    return " ".join(text.split()).replace("%", "%%")  # argparse formats help strings with %
+
+
+def _converter(typ: type) -> Callable[[str], Any]:
+    """A flag's text as the field's type; argparse names the flag in the error."""
+    def convert(text: str) -> Any:
+        if typ is bool:
+            if text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from True, False)")
+        try:
+            return typ(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return convert
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal under it), from the class and its
+    dataclass bases: the text --help shows for the flag."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # no source at hand (a frozen build): flags without their docs
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = after.value.value
+    return docs
 
 
 def _expand_alias(arg: str) -> str:
     key, sep, value = arg.partition("=")
     name = ALIASES.get(key[2:]) if key.startswith("--") else None
     return f"--{name}{sep}{value}" if name else arg
+
+
+def _spelled(arg: str) -> str:
+    """``--ppo.batch-size`` as ``--ppo.batch_size``: either spelling of a setting's underscores."""
+    key, sep, value = arg.partition("=")
+    if not key.startswith("--") or "-" not in key[2:]:
+        return arg
+    return f"--{key[2:].replace('-', '_')}{sep}{value}"
 
 
 def _flag_value(args: list[str], name: str) -> str | None:
@@ -414,14 +466,14 @@ def _flag_value(args: list[str], name: str) -> str | None:
 
 def leaves(cls: type = Config, prefix: str = "", hidden: bool = False) -> dict[str, tuple[type, Any]]:
     """Every setting the command line offers: dotted name -> (type, default). ``hidden=True``
-    adds those the driver sets itself (``tyro.conf.Suppress``), which saved configs hold too."""
+    adds those the driver sets itself (marked ``DRIVER_SETS``), which saved configs hold too."""
     out: dict[str, tuple[type, Any]] = {}
     hints, marked = typing.get_type_hints(cls), typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         name, typ = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(typ):
             out.update(leaves(typ, name + ".", hidden))
-        elif hidden or tyro.conf.Suppress not in typing.get_args(marked[f.name])[1:]:
+        elif hidden or DRIVER_SETS not in typing.get_args(marked[f.name])[1:]:
             out[name] = (typ, f.default if f.default is not dataclasses.MISSING else f.default_factory())
     return out
 

@@ -8,9 +8,9 @@
     ray job submit --working-dir . -- python -m learner.main --steps 194
 
 Parses and checks the settings, then hands them to the driver (learner/driver.py). Its own
-imports are the settings code only (tyro, PyYAML), so ``--help`` and bad settings answer
-without loading torch, transformers or Ray; a Python that lacks the project's dependencies
-gets one line that says how to install them.
+imports are the settings code only (argparse, PyYAML), so ``--help`` and bad settings answer
+without loading torch, transformers or Ray; a run in a Python that lacks the project's
+dependencies gets one line that says how to get them.
 """
 from __future__ import annotations
 
