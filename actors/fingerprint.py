@@ -3,8 +3,7 @@
 Each step every rollout actor reports the fingerprint of the weights it holds and the driver
 compares it with the learner's: a worker that silently kept old or damaged weights stops the
 run with its name instead of training on wrong samples. Both sides list the causal LM's
-``state_dict`` tensors in order without tied duplicates (``collective.lm_tensors`` on the
-learner, ``RolloutWorker``'s state_dict minus ``tied_duplicates``).
+``state_dict`` tensors in order without tied duplicates (``modelhost.weights.distinct_tensors``).
 """
 from __future__ import annotations
 

@@ -209,8 +209,8 @@ def score_held_out(args: argparse.Namespace, runs: list[RunResult]) -> dict[str,
 
     sys.path.insert(0, str(REPO))
     from learner.config import parse_args, resolve_local_paths
-    from learner.models import load_tokenizer
-    from learner.report import generate_responses, held_out_queries
+    from learner.core.models import load_tokenizer
+    from learner.records.report import generate_responses, held_out_queries
     from rewards.scorer import SentimentScorer
 
     cwd = os.getcwd()

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from actors.rollout import RolloutSettings, RolloutWorker
 from learner.config import PPOConfig
-from learner.trainer import PPOLearner
+from learner.core.actor import LearnerActor
 from rewards.scorer import RewardSettings, SentimentScorer
 
 OPENINGS = [
@@ -65,8 +65,8 @@ def run(policy: Path, reward: Path, device: str, batch: int, steps: int, bf16: b
     cfg = PPOConfig(batch_size=batch, mini_batch_size=batch, learning_rate=1.41e-5, bf16=bf16)
     worker = RolloutWorker(RolloutSettings(policy=str(policy), device=device, torch_threads=8))
     scorer = SentimentScorer(RewardSettings(model=str(reward), device=device, torch_threads=8))
-    learner = PPOLearner(str(policy), cfg, device=device, torch_threads=8)
-    qs = queries(learner.tokenizer, batch, 0)
+    learner = LearnerActor(str(policy), cfg, device=device, torch_threads=8)
+    qs = queries(learner.learner.tokenizer, batch, 0)
     times: dict[str, list[float]] = {"generate": [], "score": [], "update": [], "handover": [], "step": []}
     for step in range(steps + 1):  # step 0 warms up kernels and allocators
         sync(device)
@@ -87,7 +87,7 @@ def run(policy: Path, reward: Path, device: str, batch: int, steps: int, bf16: b
         if step:
             for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
                 times[k].append(v)
-    params = sum(p.numel() for p in learner.model.parameters())
+    params = sum(p.numel() for p in learner.learner.model.parameters())
     out = {k: statistics.median(v) for k, v in times.items()}
     out.update(params=params, samples_per_second=batch / out["step"],
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0)

@@ -45,11 +45,11 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
     """The step's parts in this process, each timed alone, with the system's thread counts."""
     import torch
 
-    from learner.data import PromptStream, load_texts
-    from learner.driver import shard_bounds
-    from learner.models import load_tokenizer
-    from learner.placement import threads
-    from learner.trainer import PPOLearner
+    from learner.orchestration.data import PromptStream, load_texts
+    from learner.orchestration.driver import shard_bounds
+    from learner.core.models import load_tokenizer
+    from learner.orchestration.placement import threads
+    from learner.core.actor import LearnerActor
     from actors.rollout import RolloutWorker
     from rewards.scorer import SentimentScorer
 
@@ -60,7 +60,7 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
     workers = [RolloutWorker(cfg.rollout.for_actor(seed=cfg.run.seed, torch_threads=rollout_threads))
                for _ in range(n)]
     scorer = SentimentScorer(cfg.reward.for_actor(torch_threads=learner_threads))
-    learner = PPOLearner(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads,
+    learner = LearnerActor(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads,
                          processes=cfg.cluster.learner_processes)
     shards = shard_bounds(cfg.ppo.batch_size, n)
     rows = []

@@ -6,7 +6,6 @@
   input embedding), the one rule every weight transfer follows;
 - ``process``: the device a process uses and where it runs (each actor's ``ping``);
 - ``errors``: an exception's text in one line.
-- ``exports``: a package's names loaded on first use, so its torch-free parts import alone.
 
 A leaf: it imports torch, transformers and (lazily) ray, never ``learner``, ``actors`` or
 ``rewards``, so all three may import it without breaking the one-way arrows.

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 
-def error_lines(err: BaseException) -> list[str]:
-    """The non-blank lines of ``str(err)``, stripped."""
-    return [line.strip() for line in str(err).splitlines() if line.strip()]
-
-
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """The first non-blank line of ``str(err)`` (its type's name when it has no text), cut to ``limit``."""
-    lines = error_lines(err)
-    return (lines[0] if lines else type(err).__name__)[:limit]
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: first non-blank line`` of an exception, cut to ``limit``; for a remote error, of
+    the exception Ray carried over (``.cause``) rather than its traceback."""
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:limit]

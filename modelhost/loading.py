@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.errors import first_line
+from modelhost.errors import one_line
 
 if TYPE_CHECKING:  # torch and transformers load with the first model: the settings code needs neither
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -53,7 +53,7 @@ def load_pretrained(cls: Any, name_or_path: str, what: str, **kwargs: Any) -> An
     except (OSError, ValueError) as err:
         where = "could not be loaded from its folder" if path.is_dir() else \
             "is not a local folder and could not be loaded from the hub"
-        raise ModelLoadError(f"{what} '{name_or_path}' {where} ({type(err).__name__}: {first_line(err, 200)}): "
+        raise ModelLoadError(f"{what} '{name_or_path}' {where} ({one_line(err, 200)}): "
                              "pass a local save_pretrained folder") from err
 
 

@@ -11,22 +11,36 @@ import numpy as np
 import torch
 
 
+def _storage(tensor: torch.Tensor) -> tuple:
+    """What makes two state_dict entries one tensor: the same memory, shape and dtype (an empty
+    tensor is never a duplicate: empty tensors may all report the same address)."""
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else (id(tensor),)
+
+
+def tied_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """{state_dict name: the earlier name whose tensor it is} for every tied duplicate
+    (GPT-2: ``{"lm_head.weight": "transformer.wte.weight"}``)."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, tensor in module.state_dict().items():
+        key = _storage(tensor)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
 def distinct_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's live state_dict tensors (on their device, sharing storage), tied duplicates
     omitted, in state_dict order."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in module.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor.detach()
-    return out
+    tied = tied_aliases(module)
+    return {name: t.detach() for name, t in module.state_dict().items() if name not in tied}
 
 
 def tied_duplicates(module: torch.nn.Module) -> set[str]:
     """state_dict names that alias an earlier entry's storage (GPT-2's ``lm_head.weight``)."""
-    return set(module.state_dict()) - set(distinct_tensors(module))
+    return set(tied_aliases(module))
 
 
 def numpy_copies(module: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -9,13 +9,14 @@ import torch
 
 from actors.rollout import RolloutSettings, RolloutWorker
 from learner.config import PPOConfig
-from learner.trainer import PPOLearner, pad_batch
+from learner.core.actor import LearnerActor
+from learner.core.forward import pad_batch
 
 
 def test_broadcast_then_generate_with_reported_version(ray_local, policy_dir: Path):
     ray = ray_local
     cfg = PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, learning_rate=1e-3)
-    learner = ray.remote(PPOLearner).options(num_cpus=0).remote(str(policy_dir), cfg, seed=0, torch_threads=1)
+    learner = ray.remote(LearnerActor).options(num_cpus=0).remote(str(policy_dir), cfg, seed=0, torch_threads=1)
     settings = RolloutSettings(policy=str(policy_dir), seed=0, torch_threads=1)
     workers = [ray.remote(RolloutWorker).options(num_cpus=0).remote(settings) for _ in range(2)]
 
@@ -39,9 +40,9 @@ def test_broadcast_then_generate_with_reported_version(ray_local, policy_dir: Pa
     # score the sampled tokens with the learner's model and with the initial one.
     rollout = ray.get(workers[0].generate.remote(queries[:4], 0, 0), timeout=120)
     assert rollout.weight_version == 1
-    local = PPOLearner(str(policy_dir), cfg, device="cpu")  # version 0 weights
+    local = LearnerActor(str(policy_dir), cfg, device="cpu")  # version 0 weights
     before = _logprobs(local, rollout.queries, rollout.responses)
-    local.model.pretrained_model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in learner_w.items()},
+    local.learner.model.pretrained_model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in learner_w.items()},
                                                  strict=False)
     after = _logprobs(local, rollout.queries, rollout.responses)
     behaviour = torch.tensor([lp for row in rollout.logprobs for lp in row])
@@ -49,6 +50,6 @@ def test_broadcast_then_generate_with_reported_version(ray_local, policy_dir: Pa
     assert not torch.allclose(before, behaviour, atol=1e-3)
 
 
-def _logprobs(learner: PPOLearner, queries: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+def _logprobs(learner: LearnerActor, queries: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
     batch = pad_batch(queries, responses, learner.pad_id)
     return learner.policy_outputs(batch).logp[batch.mask.bool()]

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from learner.config import Config, ConfigError, DataConfig, parse_args
-from learner.data import DataState, PromptStream, load_texts
+from learner.orchestration.data import DataState, PromptStream, load_texts
 
 
 def test_defaults_are_the_recipe():
@@ -106,19 +106,19 @@ def test_resumed_learner_takes_this_runs_learning_rate():
     import json
 
     from learner.config import PPOConfig
-    from learner.trainer import PPOLearner
+    from learner.core.actor import LearnerActor
 
     from conftest import SHARED
 
     case = SHARED / "reference" / "ppo-golden" / "case1"
     step = json.loads((case / "case.json").read_text())["steps"][0]
     n = len(step["queries"])
-    first = PPOLearner(str(case / "policy"), PPOConfig(learning_rate=1e-3, batch_size=n, mini_batch_size=n),
+    first = LearnerActor(str(case / "policy"), PPOConfig(learning_rate=1e-3, batch_size=n, mini_batch_size=n),
                        device="cpu")
     first.step(step["queries"], step["responses"], step["scores"])
-    resumed = PPOLearner(str(case / "policy"), PPOConfig(learning_rate=5e-4, batch_size=n, mini_batch_size=n),
+    resumed = LearnerActor(str(case / "policy"), PPOConfig(learning_rate=5e-4, batch_size=n, mini_batch_size=n),
                          device="cpu")
     assert resumed.load_state_bytes(first.state_bytes()) == 1
     stats = resumed.step(step["queries"], step["responses"], step["scores"])
     assert stats["ppo/learning_rate"] == 5e-4
-    assert resumed.optimizer.state  # Adam's moments came back with the weights
+    assert resumed.learner.optimizer.state  # Adam's moments came back with the weights

@@ -150,21 +150,6 @@ def test_overlapped_generation_still_learns(tmp_path: Path):
     assert last > first + 0.2, f"first 3 steps {first:.3f}, last 3 {last:.3f}"
 
 
-def test_collective_broadcast_gives_the_same_run(quick_run: DriverRun, tmp_path: Path):
-    """cluster.weight_broadcast=collective (gloo here) delivers the same weights as the
-    object store: the first steps' statistics equal the quick run's."""
-    from conftest import run_driver
-
-    run = run_driver(["--config", "configs/stand-in-quick.yaml", "--cluster.weight_broadcast", "collective",
-                      "--run.steps", "3", "--run.report_queries", "0"], tmp_path, "collective")
-    assert run.returncode == 0, run.output[-3000:]
-    want = quick_run.stats()
-    for got in run.stats():
-        assert got["rollout/version_lag"] == 0 and got["rollout/weight_version"] == got["step"]
-        for key in ("env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/policy/clipfrac"):
-            assert got[key] == pytest.approx(want[got["step"]][key], rel=1e-4, abs=1e-6), key
-
-
 def test_console_is_quiet_until_the_first_step(quick_run: DriverRun):
     """From start to the first step line: the driver's lines and warnings, no progress bar from
     an actor (transformers' "Loading weights") and no ERROR line when nothing is wrong."""

@@ -190,7 +190,7 @@ def test_unusable_newest_checkpoint_falls_back(small_run: DriverRun, tmp_path: P
 
 
 def test_half_written_checkpoint_is_never_taken(small_run: DriverRun, tmp_path: Path):
-    from learner import checkpoint
+    from learner.records import checkpoint
 
     run_dir = tmp_path / "small"
     shutil.copytree(small_run.run_dir, run_dir)
@@ -216,7 +216,7 @@ def nan_reward_model(tmp_path_factory, reward_dir: Path) -> Path:
 
 @pytest.mark.timeout(600)
 def test_non_finite_reward_stops_with_the_state_before_the_step_saved(tmp_path: Path, nan_reward_model: Path):
-    from learner import checkpoint
+    from learner.records import checkpoint
 
     run = run_driver([*REF, "--reward-model", str(nan_reward_model)], tmp_path, "nan")
     assert run.returncode == 1

@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file
 
 from learner.config import PPOConfig
-from learner.trainer import PPOLearner, pad_batch
+from learner.core.actor import LearnerActor
+from learner.core.forward import pad_batch
 
 from conftest import SHARED
 
@@ -59,7 +60,7 @@ def test_matches_reference(case: Path, processes: int):
     # the learner takes them through its row-order seam. Others let it draw its own.
     recorded = iter([perm for step in spec["steps"] for perm in step.get("permutations", [])])
     row_order = (lambda n: next(recorded)) if "permutations" in spec["steps"][0] else None
-    learner = PPOLearner(str(case / "policy"), _ppo_config(spec["ppo"]), seed=spec["ppo"].get("seed", 0),
+    learner = LearnerActor(str(case / "policy"), _ppo_config(spec["ppo"]), seed=spec["ppo"].get("seed", 0),
                          device="cpu", row_order=row_order, processes=processes, torch_threads=processes)
     try:
         _replay(case, spec, learner)
@@ -67,7 +68,7 @@ def test_matches_reference(case: Path, processes: int):
         learner.close()
 
 
-def _replay(case: Path, spec: dict, learner: PPOLearner) -> None:
+def _replay(case: Path, spec: dict, learner: LearnerActor) -> None:
     for n, step in enumerate(spec["steps"], start=1):
         stats = learner.step(step["queries"], step["responses"], step["scores"])
         bad = []
@@ -79,7 +80,7 @@ def _replay(case: Path, spec: dict, learner: PPOLearner) -> None:
         assert not bad, f"{case.name} step {n}:\n" + "\n".join(bad)
 
         expected = load_file(str(case / f"after_step{n}.safetensors"))
-        params = dict(learner.model.named_parameters())
+        params = dict(learner.learner.model.named_parameters())
         assert set(expected) <= set(params), f"unknown parameters: {set(expected) - set(params)}"
         worst = max((name for name in expected), key=lambda k: (params[k].detach() - expected[k]).abs().max())
         diff = (params[worst].detach() - expected[worst]).abs().max().item()
@@ -93,7 +94,7 @@ def test_padding_gives_unpadded_outputs(side: str, buckets: int):
     the padding side and the grouping of rows by length."""
     case = CASES[0]
     spec = json.loads((case / "case.json").read_text())
-    learner = PPOLearner(str(case / "policy"), _ppo_config({**spec["ppo"], "length_buckets": buckets}), device="cpu")
+    learner = LearnerActor(str(case / "policy"), _ppo_config({**spec["ppo"], "length_buckets": buckets}), device="cpu")
     step = spec["steps"][0]
     batch = pad_batch(step["queries"], step["responses"], learner.pad_id, side)
     out = learner.policy_outputs(batch)
@@ -112,10 +113,10 @@ def test_padding_gives_unpadded_outputs(side: str, buckets: int):
                 assert torch.allclose(getattr(out, name)[b][inner], getattr(one, name)[0], atol=1e-5), name
 
 
-def _logits_and_values(learner: PPOLearner, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_and_values(learner: LearnerActor, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole policy at every position, as transformers runs it: logits (B, L, V) and the value
     head on the last hidden state (B, L), with the batch's position ids."""
-    out = learner.model.pretrained_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    out = learner.learner.model.pretrained_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                          position_ids=batch.position_ids, output_hidden_states=True,
                                          use_cache=False)
-    return out.logits.float(), learner.model.v_head(out.hidden_states[-1])
+    return out.logits.float(), learner.learner.model.v_head(out.hidden_states[-1])

@@ -9,17 +9,18 @@ import torch
 from transformers import pipeline
 
 from learner.config import PPOConfig
-from learner.models import ModelLoadError, VALUE_HEAD_FILE, load_policy
-from learner.trainer import PPOLearner, TokenOutputs, pad_batch, reuse_first
+from learner.core.models import ModelLoadError, VALUE_HEAD_FILE, load_policy
+from learner.core.actor import LearnerActor
+from learner.core.forward import TokenOutputs, pad_batch, reuse_first
 
 
 
-def _sample(learner: PPOLearner, queries: list[list[int]], new_tokens: int, gen: torch.Generator) -> list[list[int]]:
+def _sample(learner: LearnerActor, queries: list[list[int]], new_tokens: int, gen: torch.Generator) -> list[list[int]]:
     """Plain ancestral sampling from the learner's own policy (all queries have one length)."""
     ids = torch.tensor(queries)
     with torch.no_grad():
         for _ in range(new_tokens):
-            logits = learner.model.pretrained_model(input_ids=ids).logits[:, -1].float()
+            logits = learner.learner.model.pretrained_model(input_ids=ids).logits[:, -1].float()
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
             ids = torch.cat([ids, nxt], dim=1)
     return ids[:, len(queries[0]):].tolist()
@@ -35,7 +36,7 @@ def test_ppo_raises_a_simple_reward(tiny_policy: Path):
     that does not learn (rise ~0) still does."""
     target = set(range(100, 116))
     cfg = PPOConfig(learning_rate=3e-3, batch_size=32, mini_batch_size=16, ppo_epochs=4, init_kl_coef=0.01)
-    learner = PPOLearner(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=1)
+    learner = LearnerActor(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=1)
     gen = torch.Generator().manual_seed(0)
     means = []
     for step in range(30):
@@ -52,7 +53,7 @@ def test_ppo_raises_a_simple_reward(tiny_policy: Path):
 
 
 def test_saved_policy_loads_in_a_pipeline(tiny_policy: Path, tmp_path: Path):
-    learner = PPOLearner(str(tiny_policy), PPOConfig(batch_size=2, mini_batch_size=2), device="cpu")
+    learner = LearnerActor(str(tiny_policy), PPOConfig(batch_size=2, mini_batch_size=2), device="cpu")
     out = tmp_path / "tuned"
     out.mkdir()
     for name, data in learner.export_policy().items():  # what the driver writes into the run directory
@@ -63,7 +64,7 @@ def test_saved_policy_loads_in_a_pipeline(tiny_policy: Path, tmp_path: Path):
     assert text.startswith("This movie")
     # The saved value head is the learner's, name for name.
     again, _ = load_policy(str(out), seed=123)
-    assert torch.equal(again.v_head.summary.weight, learner.model.v_head.summary.weight)
+    assert torch.equal(again.v_head.summary.weight, learner.learner.model.v_head.summary.weight)
 
 
 def test_fresh_value_head_is_seeded(tiny_policy: Path):
@@ -75,8 +76,8 @@ def test_fresh_value_head_is_seeded(tiny_policy: Path):
 
 
 def test_value_head_reads_the_last_hidden_state_after_the_final_layer_norm(tiny_policy: Path):
-    learner = PPOLearner(str(tiny_policy), PPOConfig(batch_size=1, mini_batch_size=1), device="cpu")
-    policy = learner.model
+    learner = LearnerActor(str(tiny_policy), PPOConfig(batch_size=1, mini_batch_size=1), device="cpu")
+    policy = learner.learner.model
     values = learner.policy_outputs(pad_batch([[5, 6]], [[7, 8]], learner.pad_id)).values  # (1, 3)
     with torch.no_grad():
         hidden = policy.pretrained_model.transformer(input_ids=torch.tensor([[5, 6, 7, 8]])).last_hidden_state
@@ -85,12 +86,12 @@ def test_value_head_reads_the_last_hidden_state_after_the_final_layer_norm(tiny_
 
 def test_missing_model_path_is_one_line_error(tmp_path: Path):
     with pytest.raises(ModelLoadError, match="does not exist") as err:
-        PPOLearner(str(tmp_path / "nope"), PPOConfig(), device="cpu")
+        LearnerActor(str(tmp_path / "nope"), PPOConfig(), device="cpu")
     assert "\n" not in str(err.value)
 
 
 def test_wrong_batch_is_rejected(tiny_policy: Path):
-    learner = PPOLearner(str(tiny_policy), PPOConfig(batch_size=4, mini_batch_size=2), device="cpu")
+    learner = LearnerActor(str(tiny_policy), PPOConfig(batch_size=4, mini_batch_size=2), device="cpu")
     with pytest.raises(ValueError, match="ppo.batch_size=4"):
         learner.step([[1, 2]], [[3, 4]], [1.0])
 
@@ -102,7 +103,7 @@ def test_behaviour_logprobs_give_ratio_one_without_an_update_in_between(policy_d
     from actors.rollout import RolloutSettings, RolloutWorker
 
     cfg = PPOConfig(batch_size=16, mini_batch_size=16, ppo_epochs=1, learning_rate=1e-3)
-    learner = PPOLearner(str(policy_dir), cfg, device="cpu", torch_threads=1)
+    learner = LearnerActor(str(policy_dir), cfg, device="cpu", torch_threads=1)
     worker = RolloutWorker(RolloutSettings(policy=str(policy_dir), torch_threads=1))
     queries = [[5 + i, 60, 700 + i] for i in range(16)]
     ro = worker.generate(queries, step=0, shard=0)
@@ -133,10 +134,10 @@ def test_ranks_take_identical_steps_and_a_lost_rank_is_an_error_not_a_hang(tiny_
     """Two ranks (cluster.learner_processes=2): after a step with 3 minibatches per epoch (one rank
     owns no row of some of them) both replicas hold the same weights, a bad batch is refused
     on both and the ranks go on, and a killed rank makes the next step raise RankLost at once."""
-    from learner.dataparallel import RankLost, Ranks
+    from learner.core.ranks import RankLost, Ranks
 
     cfg = PPOConfig(batch_size=6, mini_batch_size=2, ppo_epochs=2)
-    learner = PPOLearner(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=2, processes=2)
+    learner = LearnerActor(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=2, processes=2)
     try:
         assert learner.ranks.own_rows(6) == (0, 3)
         gen = torch.Generator().manual_seed(0)

@@ -226,7 +226,7 @@ def test_wandb_offline_run_holds_the_config_and_every_steps_statistics(quick_run
 
 def test_unknown_tracker_is_a_settings_error():
     from learner.config import ConfigError
-    from learner.trackers import check_trackers, parse_trackers
+    from learner.records.trackers import check_trackers, parse_trackers
 
     assert parse_trackers("tensorboard") == ["jsonl", "tensorboard"]
     assert check_trackers("jsonl") == ["jsonl"]
@@ -257,7 +257,7 @@ def test_dashboard_api_lists_the_named_actors_with_the_token_and_refuses_without
     seen = quick_run.dashboard
     assert seen.get("status") == 200, seen
     alive = {a["name"]: a["class_name"] for a in seen["actors"] if a["state"] == "ALIVE"}
-    assert alive == {"learner": "PPOLearner", "rollout-0": "RolloutWorker", "rollout-1": "RolloutWorker",
+    assert alive == {"learner": "LearnerActor", "rollout-0": "RolloutWorker", "rollout-1": "RolloutWorker",
                      "rewards-0": "RewardServer"}, alive
     assert {a["ray_namespace"] for a in seen["actors"]} == {"ppo-quick"}
     assert seen["status_without_token"] == 401

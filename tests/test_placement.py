@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from learner.config import ClusterConfig, Config
-from learner.placement import PlacementError, Roles, plan_roles, resolve_roles
+from learner.orchestration.placement import PlacementError, Roles, plan_roles, resolve_roles
 
 from conftest import REPO
 from localcluster import started_cluster

@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from learner.config import Config
-from learner.report import (COLUMNS, TABLE_MD, held_out_queries, histogram_grid, load_run_config, main, make_report,
+from learner.report import main
+from learner.records.report import (COLUMNS, TABLE_MD, held_out_queries, histogram_grid, load_run_config, make_report,
                             md_cell, plot_rewards, reward_series)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,8 +128,8 @@ def test_csv_has_one_row_per_query_and_its_rewards_are_the_reward_models(report,
 
 
 def test_queries_are_fixed_test_split_openings(report, run_dir: Path):
-    from learner.data import load_texts
-    from learner.models import load_tokenizer
+    from learner.orchestration.data import load_texts
+    from learner.core.models import load_tokenizer
 
     cfg = load_run_config(run_dir)
     reviews = load_texts(cfg.data.dataset, "test")

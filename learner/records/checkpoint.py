@@ -26,12 +26,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from learner.core.state import LEARNER_META, LEARNER_TENSORS
+from learner.records.rundir import LOGS
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 PREFIX = "step-"
-LEARNER_TENSORS, LEARNER_META = "learner.safetensors", "learner.json"
-REQUIRED = (LEARNER_TENSORS, LEARNER_META, "driver.json", "stats.jsonl", "rollouts.jsonl")
+REQUIRED = (LEARNER_TENSORS, LEARNER_META, "driver.json", *LOGS)
 OPTIONAL = ("prefetch.json",)
 
 
@@ -41,59 +43,6 @@ class CheckpointError(ValueError):
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
-
-
-# ----------------------------------------------------------------------------- the learner's state
-
-def pack_learner(model: Any, optimizer: Any, meta: dict[str, Any], torch_rng: Any) -> dict[str, bytes]:
-    """The learner's state as {LEARNER_TENSORS: safetensors, LEARNER_META: JSON}.
-
-    Tied weights (GPT-2's lm_head is the input embedding) are stored once and named as
-    aliases; Adam's per-parameter tensors as ``optimizer/<index>/<name>``.
-    """
-    from safetensors.torch import save
-
-    tensors, aliases, first = {}, {}, {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.numel() and key in first:
-            aliases[name] = first[key]
-            continue
-        first[key] = name
-        tensors[f"model/{name}"] = t.detach().cpu().contiguous()
-    opt = optimizer.state_dict()
-    scalars = {}
-    for index, state in opt["state"].items():
-        for name, value in state.items():
-            if hasattr(value, "shape"):
-                tensors[f"optimizer/{index}/{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}/{name}"] = value
-    tensors["torch_rng"] = torch_rng
-    meta = {**meta, "aliases": aliases, "optimizer_param_groups": opt["param_groups"], "optimizer_scalars": scalars}
-    return {LEARNER_TENSORS: save(tensors), LEARNER_META: json.dumps(meta).encode()}
-
-
-def unpack_learner(files: dict[str, bytes], model: Any, optimizer: Any) -> tuple[dict[str, Any], Any]:
-    """Loads ``pack_learner``'s files into model and optimizer; returns (meta, torch RNG state)."""
-    from safetensors.torch import load
-
-    tensors = load(files[LEARNER_TENSORS])
-    meta = json.loads(files[LEARNER_META])
-    weights = {name[len("model/"):]: t for name, t in tensors.items() if name.startswith("model/")}
-    weights.update({alias: weights[target] for alias, target in meta["aliases"].items()})
-    model.load_state_dict(weights)
-    state: dict[int, dict[str, Any]] = {}
-    for name, t in tensors.items():
-        if name.startswith("optimizer/"):
-            _, index, key = name.split("/", 2)
-            state.setdefault(int(index), {})[key] = t
-    for name, value in meta["optimizer_scalars"].items():
-        index, key = name.split("/", 1)
-        state.setdefault(int(index), {})[key] = value
-    # Adam's moments come back; its settings (the learning rate) are this run's, not the saved ones.
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    return meta, tensors["torch_rng"]
 
 
 # ----------------------------------------------------------------------------- files

@@ -2,24 +2,22 @@
 
 Why processes and not threads: the PPO step's matrices are small (a minibatch is a few
 thousand tokens), so torch's second thread often waits for the first, and both wait whenever
-either core is busy with something else. Measured on 2 CPU cores, the stand-in policy's step
-alone (batch 128), one process with 2 threads against two with 1 thread each, alternated:
-3.23/2.76 s, 3.02/2.84 s, 3.25/2.92 s (BENCHMARKS.md section 2).
+either core is busy with something else; processes of one thread each wait on each other only
+when they sum gradients (BENCHMARKS.md measures both).
 
-How: rank 0 is the ``PPOLearner`` the driver talks to; it starts ranks 1..W-1 as child
-processes (``python -m learner.dataparallel``), each with its own replica of the policy,
-reference and Adam. A state-changing call (``step``, loading a checkpoint) is sent by rank 0
-to every rank, and all run it on their own rows of each minibatch (``own_rows``): the
-per-token results of the no-grad passes are summed into whole-batch tensors, each rank's
-loss is its share of the minibatch's masked means (``ppo.ppo_loss``), gradients are summed
-over ranks before Adam, and so every replica takes the same optimizer step, the one
-the reference takes on the whole minibatch (up to the order of float sums: the golden cases
-pass with 2 ranks). Reads (weights, checkpoints, export) are rank 0's alone.
+How: rank 0 lives in the learner actor (``learner.core.actor``); it starts ranks 1..W-1 as
+child processes, each with its own replica of the policy, reference and Adam. Rank 0 sends
+every state-changing call (the step, loading a checkpoint) to every rank, and all run it on
+their own rows of each minibatch (``own_rows``): the per-token results of the no-grad passes
+are summed into whole-batch tensors, each rank's loss is its share of the minibatch's masked
+means (``ppo.ppo_loss``), and gradients are summed over ranks before Adam, so every replica
+takes the step the reference takes on the whole minibatch (up to the order of float sums: the
+golden cases pass with 2 ranks). Reads (weights, checkpoints, export) are rank 0's alone.
 
-Only gloo on CPU for now: a learner with several GPUs would want NCCL and a rank per GPU,
-which nobody has run yet. A child that dies or stops answering makes rank 0's next
-collective fail; rank 0 raises :class:`RankLost`, and in a run the learner actor then exits,
-so the driver replaces it from the newest checkpoint like any lost learner.
+gloo on CPU only: a learner on a GPU runs as one process. A child that dies or stops
+answering makes rank 0's next collective fail; rank 0 raises :class:`RankLost`, and in a run
+the learner actor then exits, so the driver replaces it from the newest checkpoint like any
+lost learner.
 """
 from __future__ import annotations
 
@@ -40,7 +38,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]  # the project root, so a child finds the packages
+ROOT = Path(__file__).resolve().parents[2]  # the project root, so a child finds the packages
 
 
 class RankLost(RuntimeError):
@@ -63,12 +61,13 @@ class Ranks:
         return cls()
 
     @classmethod
-    def start(cls, world: int, timeout_s: float, exit_on_loss: bool) -> "Ranks":
-        """Rank 0: start ranks 1..world-1 as child processes and form the group with them."""
+    def start(cls, world: int, timeout_s: float, exit_on_loss: bool, module: str) -> "Ranks":
+        """Rank 0: start ranks 1..world-1 as child processes (``python -m module``, which calls
+        :meth:`join`) and form the group with them."""
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=timeout_s))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        children = [subprocess.Popen([sys.executable, "-m", "learner.dataparallel", "--rank", str(r),
+        children = [subprocess.Popen([sys.executable, "-m", module, "--rank", str(r),
                                       "--world", str(world), "--port", str(store.port),
                                       "--timeout-s", str(timeout_s), "--parent", str(os.getpid())], env=env)
                     for r in range(1, world)]
@@ -76,6 +75,20 @@ class Ranks:
         ranks.group = ranks._guard(lambda: _gloo(store, 0, world, timeout_s), "forming the learner's ranks")
         ranks.store = store  # rank 0 hosts the rendezvous: keep it alive with the group
         return ranks
+
+    @classmethod
+    def join(cls, argv: list[str] | None = None) -> "Ranks":
+        """Ranks 1..W-1, in the child process :meth:`start` began: join rank 0's group."""
+        parser = argparse.ArgumentParser(description="A learner rank started by rank 0 (not for direct use).")
+        for name in ("--rank", "--world", "--port", "--parent"):
+            parser.add_argument(name, type=int, required=True)
+        parser.add_argument("--timeout-s", type=float, required=True)
+        args = parser.parse_args(argv)
+        _die_with_parent(args.parent)
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {args.rank} %(name)s: %(message)s")
+        store = dist.TCPStore("127.0.0.1", args.port, args.world, is_master=False,
+                              timeout=datetime.timedelta(seconds=args.timeout_s))
+        return cls(args.rank, args.world, _gloo(store, args.rank, args.world, args.timeout_s))
 
     # ------------------------------------------------------------------ which rows
 
@@ -189,26 +202,3 @@ def _die_with_parent(parent: int) -> None:
         pass
     if os.getppid() != parent:  # rank 0 died before the call above
         os._exit(1)
-
-
-def child_main(argv: list[str] | None = None) -> None:
-    """Ranks 1..W-1: join the group, build the same learner as rank 0, then run what it sends."""
-    parser = argparse.ArgumentParser(description="A learner rank started by rank 0 (not for direct use).")
-    for name in ("--rank", "--world", "--port", "--parent"):
-        parser.add_argument(name, type=int, required=True)
-    parser.add_argument("--timeout-s", type=float, required=True)
-    args = parser.parse_args(argv)
-    _die_with_parent(args.parent)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {args.rank} %(name)s: %(message)s")
-    store = dist.TCPStore("127.0.0.1", args.port, args.world, is_master=False,
-                          timeout=datetime.timedelta(seconds=args.timeout_s))
-    ranks = Ranks(args.rank, args.world, _gloo(store, args.rank, args.world, args.timeout_s))
-    from learner.trainer import PPOLearner
-
-    kwargs = ranks.receive()
-    learner = PPOLearner(**kwargs, ranks=ranks)
-    learner.serve()
-
-
-if __name__ == "__main__":
-    child_main()

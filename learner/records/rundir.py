@@ -1,5 +1,5 @@
 """The run directory: the resolved config, one JSON line per step, the batch's texts, and the
-trackers chosen by ``run.trackers`` (TensorBoard events, W&B; learner/trackers.py)."""
+trackers chosen by ``run.trackers`` (TensorBoard events, W&B; learner/records/trackers.py)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -10,7 +10,11 @@ from typing import Any
 import yaml
 
 from learner.config import Config
-from learner.trackers import check_trackers, open_trackers
+from learner.records.trackers import check_trackers, open_trackers
+
+STATS, ROLLOUTS = "stats.jsonl", "rollouts.jsonl"
+LOGS = (STATS, ROLLOUTS)
+"""The run's logs: one JSON line per step each; checkpoints hold them as they were."""
 
 
 class RunDir:
@@ -25,8 +29,8 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         config = cfg.to_dict()
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        self.stats_file = self.path / "stats.jsonl"
-        self.rollouts_file = self.path / "rollouts.jsonl"
+        self.stats_file = self.path / STATS
+        self.rollouts_file = self.path / ROLLOUTS
         self.trackers = open_trackers(trackers, self.path, name, config)
 
     def log_step(self, stats: dict[str, Any], rollouts: dict[str, Any]) -> None:
@@ -43,7 +47,12 @@ class RunDir:
             tracker.close()
         self.trackers = []
 
-    def restore_logs(self, ckpt: Path) -> None:
-        """Logs as they were at the checkpoint: the steps after it are about to be redone."""
-        for name in ("stats.jsonl", "rollouts.jsonl"):
-            (self.path / name).write_bytes((ckpt / name).read_bytes())
+    def log_bytes(self) -> dict[str, bytes]:
+        """The logs so far, for a checkpoint."""
+        return {name: (self.path / name).read_bytes() if (self.path / name).exists() else b"" for name in LOGS}
+
+    def restore_logs(self, ckpt: Path | None) -> None:
+        """Logs as they were at the checkpoint (None: the start of the run, empty): the steps
+        after it are about to be redone."""
+        for name in LOGS:
+            (self.path / name).write_bytes((ckpt / name).read_bytes() if ckpt else b"")

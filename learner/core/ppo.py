@@ -1,7 +1,7 @@
 """The PPO math of the reference step, as small pure-torch functions.
 
-Each function mirrors one numbered step of ``shared/docs/ppo-reference.md``, which is
-the legacy TRL ``PPOTrainer.step`` (trl 0.7.11 .. 0.11.4). No Ray, no models: tensors in,
+Each function mirrors one numbered step of docs/ppo-step.md, which is the legacy TRL
+``PPOTrainer.step`` (trl 0.7.11 .. 0.11.4, ``trl/trainer/ppo_trainer.py``). No Ray, no models: tensors in,
 tensors out, so every piece is tested with hand-computed numbers (tests/test_ppo_math.py).
 
 Shapes: B sequences, T = padded length - 1 (positions that predict a next token),
@@ -112,65 +112,87 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor
     but the caller still runs backward and the optimizer step, as the reference does.
     ``entropy`` is the current policy's per-token entropy (B, T); it only feeds a statistic.
 
-    Data-parallel ranks (``learner/dataparallel.py``) each pass their own rows of the minibatch,
+    Data-parallel ranks (``learner/core/ranks.py``) each pass their own rows of the minibatch,
     ``n_tokens`` = the minibatch's response tokens on all ranks and ``total`` = sum over ranks.
     Every masked mean is then sum(x * m) / n_tokens: the rank's share, whose gradients add up
-    over ranks to the whole minibatch's. The statistics and the ratio-threshold test use the
-    shares summed by ``total`` (one call for the means, one for the two variances), so every
-    rank sees the whole minibatch's values. With the defaults (one process) each mean is
-    exactly ``masked_mean``.
+    over ranks to the whole minibatch's. With the defaults (one process) each mean is exactly
+    ``masked_mean``.
     """
     n = mask.sum() if n_tokens is None else n_tokens
-
-    def share(x: torch.Tensor) -> torch.Tensor:  # this rank's part of the minibatch's masked mean
-        return (x * mask).sum() / n
-
-    def summed(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # over ranks, in one call
-        return dict(zip(shares, total(torch.stack(list(shares.values())))))
-
     v_clipped = torch.clamp(v_new, v_old - cliprange_value, v_old + cliprange_value)
     vf_losses1 = (v_new - returns) ** 2
     vf_losses2 = (v_clipped - returns) ** 2
-    vf_loss = 0.5 * share(torch.max(vf_losses1, vf_losses2))
+    vf_loss = 0.5 * (torch.max(vf_losses1, vf_losses2) * mask).sum() / n
 
     ratio = torch.exp(logp_new - logp_old)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = share(torch.max(pg_losses, pg_losses2))
+    pg_loss = (torch.max(pg_losses, pg_losses2) * mask).sum() / n
     loss = pg_loss + vf_coef * vf_loss
-
     with torch.no_grad():
-        stats = summed({
-            "loss/policy": pg_loss.detach(),
-            "loss/value": vf_loss.detach(),
-            "loss/total": loss.detach(),
-            "policy/entropy": share(entropy),
-            "policy/approxkl": 0.5 * share((logp_new - logp_old) ** 2),
-            "policy/policykl": share(logp_old - logp_new),
-            "policy/clipfrac": share(torch.gt(pg_losses2, pg_losses).float()),
-            "policy/ratio_mean": share(ratio),
-            "policy/advantages_mean": share(advantages),
-            "returns/mean": share(returns),
-            "val/vpred": share(v_new),
-            "val/error": share((v_new - returns) ** 2),
-            "val/clipfrac": share(torch.gt(vf_losses2, vf_losses1).float()),
-            "val/mean": share(v_old),
-        })
-        # masked_var's two passes: the deviations need the whole minibatch's means first
-        if n <= 1:
-            raise ValueError("masked_var needs at least two masked entries (a batch with one response token?)")
-        stats.update(summed({
-            "returns/var": share((returns - stats["returns/mean"]) ** 2) * (n / (n - 1)),
-            "val/var": share((v_old - stats["val/mean"]) ** 2) * (n / (n - 1)),
-        }))
+        stats = _loss_statistics(pg_loss, vf_loss, loss, {
+            "policy/entropy": entropy, "policy/approxkl": 0.5 * (logp_new - logp_old) ** 2,
+            "policy/policykl": logp_old - logp_new, "policy/clipfrac": torch.gt(pg_losses2, pg_losses).float(),
+            "policy/ratio_mean": ratio, "policy/advantages_mean": advantages, "returns/mean": returns,
+            "val/vpred": v_new, "val/error": (v_new - returns) ** 2,
+            "val/clipfrac": torch.gt(vf_losses2, vf_losses1).float(), "val/mean": v_old,
+        }, {"returns/var": (returns, "returns/mean"), "val/var": (v_old, "val/mean")}, mask, n, total)
 
     skipped = stats["policy/ratio_mean"].item() > ratio_threshold
     if skipped:
         # The reference skips the update by zeroing the loss; Adam still steps (its moments move).
-        pg_loss, vf_loss, loss = pg_loss * 0.0, vf_loss * 0.0, loss * 0.0
+        loss = loss * 0.0
         for key in ("loss/policy", "loss/value", "loss/total"):
             stats[key] = stats[key] * 0.0
     return LossOutput(loss=loss, stats=stats, skipped=skipped)
+
+
+def _loss_statistics(pg_loss: torch.Tensor, vf_loss: torch.Tensor, loss: torch.Tensor,
+                     means: dict[str, torch.Tensor], variances: dict[str, tuple[torch.Tensor, str]],
+                     mask: torch.Tensor, n: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """The minibatch's statistics: the losses, the masked ``means`` and the unbiased masked
+    ``variances`` (each: values, the name of its mean), every one summed over ranks by ``total``
+    (one call for the means, one for the variances: their deviations need the whole minibatch's
+    means first)."""
+    def summed(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(zip(shares, total(torch.stack(list(shares.values())))))
+
+    stats = summed({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
+                    **{key: (x * mask).sum() / n for key, x in means.items()}})
+    if n <= 1:
+        raise ValueError("masked_var needs at least two masked entries (a batch with one response token?)")
+    stats.update(summed({key: ((x - stats[mean]) ** 2 * mask).sum() / n * (n / (n - 1))
+                         for key, (x, mean) in variances.items()}))
+    return stats
+
+
+def step_statistics(queries: list[list[int]], responses: list[list[int]], scores: torch.Tensor,
+                    logp_old: torch.Tensor, logp_ref: torch.Tensor, non_score: torch.Tensor, mask: torch.Tensor,
+                    beta: float, minibatch_stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The step's statistics under the reference's names: the rollout's KL and entropy, the
+    scores, the lengths, and each minibatch's loss statistics averaged over minibatches."""
+    q_lens = torch.tensor([len(q) for q in queries], dtype=torch.float32)
+    r_lens = torch.tensor([len(r) for r in responses], dtype=torch.float32)
+    stats = {
+        "objective/kl": ((logp_old - logp_ref) * mask).sum(dim=1).mean(),
+        "objective/kl_coef": torch.tensor(beta),
+        "objective/entropy": (-logp_old * mask).sum(dim=1).mean(),
+        "ppo/mean_non_score_reward": masked_mean(non_score, mask),
+        "ppo/mean_scores": scores.mean(),
+        "ppo/std_scores": scores.std(),
+        "tokens/queries_len_mean": q_lens.mean(),
+        "tokens/queries_len_std": q_lens.std(),
+        "tokens/responses_len_mean": r_lens.mean(),
+        "tokens/responses_len_std": r_lens.std(),
+    }
+    for key in minibatch_stats[0]:
+        stats[f"ppo/{key}"] = torch.stack([s[key] for s in minibatch_stats]).mean()
+    stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
+    out = {k: float(v) for k, v in stats.items()}
+    out["env/reward_mean"] = float(scores.mean())
+    out["env/reward_std"] = float(scores.std())
+    return out
 
 
 class AdaptiveKLController:

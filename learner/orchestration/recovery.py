@@ -22,6 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from modelhost.errors import one_line
+
+__all__ = ["Calls", "Fleet", "LearnerLost", "RayCalls", "Recovery", "RunError", "one_line"]
+
 log = logging.getLogger(__name__)
 
 
@@ -58,14 +62,6 @@ class RayCalls:
     def wait_one(self, refs: list[Any], timeout_s: float) -> Any | None:
         done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout_s)
         return done[0] if done else None
-
-
-def one_line(err: BaseException) -> str:
-    """A remote error in one line: the exception Ray carried over (``.cause``), not its traceback."""
-    cause = getattr(err, "cause", None)
-    err = cause if isinstance(cause, BaseException) else err
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 @dataclass

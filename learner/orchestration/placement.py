@@ -20,7 +20,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout import RolloutWorker
 from learner.config import ClusterConfig, Config
-from learner.trainer import PPOLearner
+from learner.core.actor import LearnerActor
+from learner.orchestration.recovery import Fleet
 from rewards.server import RewardServer
 
 log = logging.getLogger(__name__)
@@ -174,13 +175,6 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{resources[k]:g} {k}" for k in keys) or "nothing"
 
 
-@dataclass
-class Actors:
-    learner: Any
-    rollouts: list[Any]
-    rewards: list[Any]
-
-
 def threads(cfg: Config) -> tuple[int, int]:
     """(learner threads, rollout/reward threads). The phases of a step run one after the
     other, so the learner may use every core while it updates; rollout actors generate at
@@ -195,7 +189,7 @@ def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "le
     """The learner actor in bundle 0, reserving the bundle's CPUs. Ray does not restart it (its
     state lives in memory): the driver starts a new one here, under a new name (the dead one's
     may not be released yet), and loads the last checkpoint."""
-    return ray.remote(PPOLearner).options(
+    return ray.remote(LearnerActor).options(
         name=name, num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
     ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=threads(cfg)[0],
@@ -203,7 +197,7 @@ def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "le
              exit_on_rank_loss=True)
 
 
-def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
+def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Fleet:
     """Named actors in the run's bundles: 'learner', 'rewards-<i>', 'rollout-<i>'."""
     n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
     at = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
@@ -231,4 +225,4 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Actors:
         ).remote(rollout_settings, [f"rewards-{i}" for i in range(r)])  # names, not handles: RolloutWorker says why
         for i in range(n)
     ]
-    return Actors(learner, rollouts, rewards)
+    return Fleet(learner, rollouts, rewards)

@@ -16,7 +16,7 @@ actor, and the driver only moves token ids, statistics and files. Each step:
    ``run.checkpoint_every`` steps.
 At the end: a last checkpoint and the tuned policy in the run directory. A learner that dies
 is replaced in its bundle and continues from the newest good checkpoint, redoing the steps
-since (learner/recovery.py); deaths beyond cluster.max_failures stop the run.
+since (learner/orchestration/recovery.py); deaths beyond cluster.max_failures stop the run.
 """
 from __future__ import annotations
 
@@ -32,19 +32,18 @@ from typing import Any
 import numpy as np
 
 from actors.rollout import Rollout
-from learner import checkpoint
-from learner.broadcast import Broadcast, Sent, verify
+from learner.records import checkpoint
+from learner.orchestration.weights import Broadcast, Sent, verify
 from learner.config import Config, ConfigError
-from learner.data import DataState, PromptStream, load_texts
-from learner.models import load_pretrained, load_tokenizer
-from learner.recovery import Fleet, LearnerLost, RayCalls, Recovery, RunError
-from learner.rundir import RunDir
-from learner.trainer import NonFiniteError
+from learner.orchestration.data import DataState, PromptStream, load_texts
+from learner.core.models import load_pretrained, load_tokenizer
+from learner.orchestration.recovery import LearnerLost, RayCalls, Recovery, RunError
+from learner.records.rundir import RunDir
+from learner.core.learner import NonFiniteError
 
-log = logging.getLogger("learner.driver")
+log = logging.getLogger("learner.orchestration.driver")
 
 Batch = tuple[list[list[int]], list[Rollout]]  # a step's queries and its shards' rollouts
-LOGS = ("stats.jsonl", "rollouts.jsonl")
 
 
 def shard_bounds(batch_size: int, n: int) -> list[tuple[int, int]]:
@@ -75,23 +74,20 @@ class Driver:
     """The training loop over the actors. Each step: broadcast, rollout, update, log."""
 
     def __init__(self, cfg: Config, run: RunDir, stream: PromptStream, tokenizer) -> None:
-        from learner import placement
-        from learner.metrics import RunMetrics
+        from learner.orchestration import placement
+        from learner.records.metrics import RunMetrics
 
         self.cfg, self.run, self.stream, self.tokenizer = cfg, run, stream, tokenizer
         roles = placement.resolve_roles(cfg)
         pg = placement.reserve(cfg, roles)
-        actors = placement.spawn(cfg, roles, pg)
-        self.fleet = Fleet(actors.learner, actors.rollouts, actors.rewards)
+        self.fleet = placement.spawn(cfg, roles, pg)
         self.recovery = Recovery(self.fleet, RayCalls(), cfg.cluster.call_timeout_s, cfg.cluster.max_failures,
                                  start_learner=lambda: placement.spawn_learner(
                                      cfg, roles, pg, name=f"learner-{self.recovery.deaths}"))
         self.recovery.start()
         self.plan = placement.describe(cfg, roles, self.recovery.pings)
         self._record_actors()
-        backend = "nccl" if roles.learner_gpus >= 1 and roles.rollout_gpus >= 1 else "gloo"
-        self.weights = Broadcast(self.fleet, self.recovery, cfg.cluster.weight_broadcast == "collective",
-                                 backend, cfg.cluster.call_timeout_s)
+        self.weights = Broadcast(self.fleet, self.recovery)
         self.shards = shard_bounds(cfg.ppo.batch_size, len(self.fleet.rollouts))
         self.metrics = RunMetrics(run.path.name)
         self.prefetched: Batch | None = None  # ppo.max_lag=1: the next step's batch, generated during the update
@@ -136,8 +132,6 @@ class Driver:
         """A new learner in the lost one's bundle, at the newest good checkpoint; the step to redo from."""
         t0 = time.perf_counter()
         self.recovery.replace_learner(reason)
-        if self.weights.collective:
-            self.weights.rejoin()
         ckpt, notes = checkpoint.newest_good(self.run.path)
         for note in notes:
             log.warning("%s", note)
@@ -159,9 +153,7 @@ class Driver:
         if prefetched is not None:
             queries, rollouts = prefetched
             files["prefetch.json"] = json.dumps({"queries": queries, "rollouts": [asdict(r) for r in rollouts]}).encode()
-        for name in LOGS:
-            file = self.run.path / name
-            files[name] = file.read_bytes() if file.exists() else b""
+        files.update(self.run.log_bytes())
         return checkpoint.write(self.run.path, steps_done, files, self.cfg.run.keep_checkpoints)
 
     def restore(self, ckpt: Path | None) -> int:
@@ -169,8 +161,7 @@ class Driver:
         run, with a fresh learner). Returns the steps done."""
         if ckpt is None:
             (data, self.prefetched), step = self.first, 0
-            for name in LOGS:
-                (self.run.path / name).write_bytes(b"")
+            self.run.restore_logs(None)
         else:
             files = checkpoint.read(ckpt)
             driver = json.loads(files["driver.json"])
@@ -259,7 +250,7 @@ def train(cfg: Config) -> Path:
     6. report."""
     import ray
 
-    from learner import placement
+    from learner.orchestration import placement
 
     # 1. everything that can fail fast fails before Ray starts
     resume_from = None
@@ -295,7 +286,7 @@ def train(cfg: Config) -> Path:
         run.close()  # trackers: flush TensorBoard, finish the W&B run
     # 6. the figure and the before/after table (python -m learner.report RUN_DIR redoes them)
     if cfg.run.report_queries:
-        from learner.report import make_report
+        from learner.records.report import make_report
 
         report = make_report(run.path, n_queries=cfg.run.report_queries, seed=cfg.run.seed)
         print(f"reward figure: {report['figure']}  |  before/after table: {report['markdown']}  "

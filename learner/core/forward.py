@@ -1,0 +1,145 @@
+"""A batch of query+response rows, and the per-token outputs of a causal LM on it.
+
+The forward pass here is the learner's: the policy's log-probs, values and entropies, or the
+frozen reference's log-probs, at the positions whose next token is a response token. Two
+savings leave every number as the reference step computes it (docs/ppo-step.md):
+
+- rows are grouped by length into ``ppo.length_buckets`` groups, each padded only to its own
+  longest row (a batch padded to its longest row is mostly padding when lengths vary);
+- the LM head and log-softmax run only where the next token is a response token, the only
+  places whose log-probs the step uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from learner.core import ppo
+
+
+@dataclass
+class PaddedBatch:
+    """Query+response rows padded to one length; positions index the padded row."""
+
+    input_ids: torch.Tensor       # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long, 1 on real tokens
+    position_ids: torch.Tensor    # (B, L) long, each real token's position in its unpadded row
+    mask: torch.Tensor            # (B, L-1) float, 1 where the next token is a response token
+
+    def rows(self, idx: torch.Tensor) -> "PaddedBatch":
+        return PaddedBatch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.mask[idx])
+
+
+def pad_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int,
+              side: str = "right") -> PaddedBatch:
+    """Concatenate each query and response and pad; masks come from lengths, never from pad ids."""
+    rows = [q + r for q, r in zip(queries, responses)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = []
+    for b, row in enumerate(rows):
+        off = width - len(row) if side == "left" else 0
+        ids[b, off:off + len(row)] = torch.tensor(row, dtype=torch.long)
+        attn[b, off:off + len(row)] = 1
+        offsets.append(off)
+    # Position ids count real tokens only, so a left-padded row sees the positions it
+    # would see unpadded (GPT-2 has learned absolute positions).
+    pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    mask = ppo.response_mask([len(q) for q in queries], [len(r) for r in responses], offsets, width - 1)
+    return PaddedBatch(ids, attn, pos, mask)
+
+
+@dataclass
+class TokenOutputs:
+    """Per-token outputs in the batch's (B, T) layout, T = padded length - 1."""
+
+    logp: torch.Tensor                # log-prob of the next token; 0 where it is not a response token
+    values: torch.Tensor | None       # value head at each position
+    entropy: torch.Tensor | None      # entropy of the next-token distribution; 0 off the mask
+
+    def rows(self, idx: torch.Tensor) -> "TokenOutputs":
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return TokenOutputs(self.logp[idx], pick(self.values), pick(self.entropy))
+
+    def padded_rows(self, lo: int, n: int) -> "TokenOutputs":
+        """These rows as rows lo.. of n, the others zero (keeping grad)."""
+        pad = lambda x: None if x is None else torch.nn.functional.pad(x, (0, 0, lo, n - lo - len(x)))  # noqa: E731
+        return TokenOutputs(pad(self.logp), pad(self.values), pad(self.entropy))
+
+
+RowOrder = Callable[[int], Sequence[int]]
+"""Gives one epoch's row order for a batch of n rows. The reference draws
+``np.random.permutation(n)`` each epoch; the golden test passes the orders it recorded."""
+
+
+def minibatches(order: Sequence[int], mini_batch_size: int) -> list[torch.Tensor]:
+    """One epoch's minibatches: consecutive slices of ``order``, as the reference takes them."""
+    order = torch.as_tensor(np.asarray(order), dtype=torch.long)
+    return list(torch.split(order, mini_batch_size))
+
+
+def reuse_first(batches: Iterable[torch.Tensor], outputs: TokenOutputs | None
+                ) -> Iterator[tuple[torch.Tensor, TokenOutputs | None]]:
+    """Each minibatch's rows with the outputs it may use instead of its own forward pass.
+
+    ``outputs`` are the rollout pass's with-grad outputs (``PPOLearner`` keeps them with one
+    minibatch per epoch). Only the very first minibatch runs under the rollout weights, so it
+    gets their rows; every later one gets None: Adam has stepped since.
+    """
+    for idx in batches:
+        yield idx, None if outputs is None else outputs.rows(idx)
+        outputs = None
+
+
+def scatter(flat: torch.Tensor, sel: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """Values for the True entries of ``sel`` (b, w) into a zero (b, width) tensor whose
+    columns start..start+w they fill, keeping grad."""
+    out = torch.zeros(sel.shape, dtype=flat.dtype, device=flat.device).masked_scatter(sel, flat)
+    return _place(out, start, width)
+
+
+def _place(x: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """(b, w) columns placed at start..start+w of a zero-padded (b, width) tensor."""
+    return torch.nn.functional.pad(x, (start, width - start - x.shape[1]))
+
+
+def forward(lm: torch.nn.Module, batch: PaddedBatch, device: torch.device, buckets: int, bf16: bool = False,
+            value_head: torch.nn.Module | None = None, with_entropy: bool = False) -> TokenOutputs:
+    """Per-token outputs of the causal LM ``lm`` (the policy's or the frozen reference) on
+    ``batch``, with values when a ``value_head`` is given; rows in ``buckets`` length groups."""
+    order = torch.argsort(batch.attention_mask.sum(dim=1), stable=True)
+    parts = [_group_forward(lm, batch, rows, device, bf16, value_head, with_entropy)
+             for rows in torch.tensor_split(order, min(buckets, len(order)))]
+    inverse = torch.argsort(order).to(device)
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)[inverse]  # noqa: E731
+    return TokenOutputs(cat([p.logp for p in parts]), cat([p.values for p in parts]),
+                        cat([p.entropy for p in parts]))
+
+
+def _group_forward(lm: torch.nn.Module, batch: PaddedBatch, rows: torch.Tensor, device: torch.device, bf16: bool,
+                   value_head: torch.nn.Module | None, with_entropy: bool) -> TokenOutputs:
+    """``forward`` on one group of rows, cropped to the columns that hold its real tokens."""
+    width = batch.mask.shape[1]
+    real = batch.attention_mask[rows].any(dim=0).nonzero()  # either padding side
+    a, b = int(real.min()), int(real.max()) + 1
+    ids = batch.input_ids[rows, a:b].to(device)
+    sel = batch.mask[rows, a:b - 1].to(device).bool()  # (b, L-1): response positions
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = lm.base_model(input_ids=ids, attention_mask=batch.attention_mask[rows, a:b].to(device),
+                               position_ids=batch.position_ids[rows, a:b].to(device),
+                               use_cache=False).last_hidden_state
+        logits = lm.get_output_embeddings()(hidden[:, :-1][sel]).float()  # (N, V): response positions only
+        values = None if value_head is None else _place(value_head(hidden)[:, :-1].float(), a, width)
+    # One log-softmax over (N, V) serves the log-probs and, without grad (it is only a
+    # statistic), the entropy -sum(p * log p).
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = scatter(logp_all.gather(-1, ids[:, 1:][sel].unsqueeze(-1)).squeeze(-1), sel, a, width)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = scatter(-(logp_all.exp() * logp_all).sum(-1), sel, a, width)
+    return TokenOutputs(logp, values, entropy)
