@@ -9,11 +9,10 @@ waiting, or ``max_wait_ms`` after the oldest waiting text arrived, whichever com
 Each caller gets its own scores back in order, once all of its texts are scored (a large
 request may span several passes).
 
-Rollout actors that generate at the same time still finish a few hundred milliseconds apart
-(measured on 2 shared cores: a 20 ms window merged none of 8 steps' requests, 200 ms three,
-1000 ms all). Counting the callers lets the window be that wide at no cost: the pass starts
-as soon as the last of them has asked, and the window only bounds the wait for one that is
-slow or lost.
+Rollout actors that generate at the same time still finish up to several hundred
+milliseconds apart, so a short window merges few of their requests. Counting the callers lets
+the window be wide at no cost: the pass starts as soon as the last of them has asked, and the
+window only bounds the wait for one that is slow or lost.
 
 Why not ``ray.serve.batch``: it merges *calls*, up to a number of calls, while the bound
 that matters here is texts per pass (memory and time of one forward pass). With it, a batch

@@ -134,7 +134,7 @@ def test_ranks_take_identical_steps_and_a_lost_rank_is_an_error_not_a_hang(tiny_
     """Two ranks (cluster.learner_processes=2): after a step with 3 minibatches per epoch (one rank
     owns no row of some of them) both replicas hold the same weights, a bad batch is refused
     on both and the ranks go on, and a killed rank makes the next step raise RankLost at once."""
-    from learner.core.ranks import RankLost, Ranks
+    from learner.core.ranks import RankLost
 
     cfg = PPOConfig(batch_size=6, mini_batch_size=2, ppo_epochs=2)
     learner = LearnerActor(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=2, processes=2)
@@ -154,4 +154,17 @@ def test_ranks_take_identical_steps_and_a_lost_rank_is_an_error_not_a_hang(tiny_
             learner.step(queries, responses, [0.0] * 6)
     finally:
         learner.close()
-    assert isinstance(Ranks.single().own_rows(5), tuple)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_ranks_rows_cover_the_batch_once_in_near_equal_shares(world: int):
+    """Every row of a batch belongs to exactly one rank, in order, and shares differ by at most
+    one row: the sums over ranks then count each row once."""
+    from learner.core.ranks import Ranks
+
+    for n in (0, 1, 4, 5, 7, 128):
+        shares = [Ranks(rank, world).own_rows(n) for rank in range(world)]
+        rows = [i for lo, hi in shares for i in range(lo, hi)]
+        assert rows == list(range(n)), (n, shares)
+        sizes = [hi - lo for lo, hi in shares]
+        assert max(sizes) - min(sizes) <= 1, (n, shares)

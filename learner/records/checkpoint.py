@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from learner.core.state import LEARNER_META, LEARNER_TENSORS
-from learner.records.rundir import LOGS
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 PREFIX = "step-"
+STATS, ROLLOUTS = "stats.jsonl", "rollouts.jsonl"
+LOGS = (STATS, ROLLOUTS)
+"""The run directory's logs (one JSON line per step each); a checkpoint holds them as they were."""
 REQUIRED = (LEARNER_TENSORS, LEARNER_META, "driver.json", *LOGS)
 OPTIONAL = ("prefetch.json",)
 

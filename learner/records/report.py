@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from learner.records.rundir import ROLLOUTS, STATS
+from learner.records.checkpoint import ROLLOUTS, STATS
 
 if TYPE_CHECKING:  # the heavy imports (torch, transformers) wait until they are needed
     from learner.config import Config

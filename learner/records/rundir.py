@@ -10,11 +10,8 @@ from typing import Any
 import yaml
 
 from learner.config import Config
+from learner.records.checkpoint import LOGS, ROLLOUTS, STATS
 from learner.records.trackers import check_trackers, open_trackers
-
-STATS, ROLLOUTS = "stats.jsonl", "rollouts.jsonl"
-LOGS = (STATS, ROLLOUTS)
-"""The run's logs: one JSON line per step each; checkpoints hold them as they were."""
 
 
 class RunDir:
