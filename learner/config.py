@@ -1,35 +1,42 @@
 """One tree of dataclasses holding every setting; the reference recipe is the default.
 
-Sources, later ones winning: the defaults below (``shared/docs/seed.md``), an optional
+Sources, later ones winning: the defaults below (``docs/recipe.md``), an optional
 YAML file (``--config file.yaml``, nested like the tree), then CLI flags named by their
 dotted path (``--ppo.learning_rate 3e-4``; ``-`` and ``_`` are interchangeable). A few
 short aliases exist for what everybody sets (``--policy``, ``--reward-model``,
 ``--dataset``, ``--steps``, ``--seed``). The result is validated once, at start-up.
+tyro builds the command line and ``--help`` from the dataclasses, each flag's help being
+the docstring under its field.
 
 The rollout and reward sections are the actors' own dataclasses: each actor receives
 only its section.
 """
 from __future__ import annotations
 
-import argparse
-import ast
+import contextlib
 import dataclasses
 import difflib
-import inspect
+import io
 import logging
 import math
 import sys
-import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Sequence
+from typing import Annotated, Any, Sequence
 
+import tyro
 import yaml
 
-from actors.settings import RolloutSettings
+from actors.rollout import RolloutSettings
 from modelhost.loading import looks_local
-from rewards.settings import RewardSettings
+from rewards.scorer import RewardSettings
+
+try:  # tyro's hook for a refused command line (tyro >= 1.0.14; tyro keeps the module private)
+    from tyro._errors import on_parse_error
+except ImportError:  # a tyro without it: the refusal without its reason, but no panel either
+    def on_parse_error(hook: Any) -> contextlib.AbstractContextManager:
+        return contextlib.redirect_stderr(io.StringIO())
 
 
 log = logging.getLogger(__name__)
@@ -37,10 +44,6 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and says how to fix it."""
-
-
-DRIVER_SETS = "set by the driver"
-"""Marks a field the driver sets itself (``Annotated[int, DRIVER_SETS]``): no flag, no YAML key."""
 
 
 # Range rules for a section's numbers: (test, what the message says it must be).
@@ -162,16 +165,13 @@ class ClusterConfig:
     learner_cpus: float = 1.0
     """CPUs reserved for the learner actor (it does the heavy CPU work when there is no GPU)"""
     learner_processes: int = 1
-    """data-parallel processes of a CPU learner on its node (learner/dataparallel.py): each takes its
+    """data-parallel processes of a CPU learner on its node (learner/core/ranks.py): each takes its
     share of every minibatch's rows and of the learner's threads, gradients are summed; the same step as
-    one process. Small models keep more cores busy this way (stand-ins on 2 cores: 2 processes, see
-    BENCHMARKS.md); a learner on a GPU runs as one process whatever this says"""
+    one process. Small models keep more cores busy this way (BENCHMARKS.md); a learner on a GPU runs as
+    one process whatever this says"""
     torch_threads: int = 0
     """torch threads per actor (0: the learner and the reward actors use every core of their node, as they
     compute one at a time; rollout actors, which generate at the same time, cores / num_rollout_workers)"""
-    weight_broadcast: str = "object_store"
-    """how weights reach the rollout actors: object_store (put once, read by every node) or
-    collective (torch.distributed broadcast from the learner: NCCL when every member has a GPU, else gloo)"""
     placement_strategy: str = "PACK"
     """Ray placement group strategy: PACK (fewest nodes), SPREAD (rollout actors across nodes), STRICT_*"""
     placement_timeout_s: float = 300.0
@@ -189,8 +189,6 @@ class ClusterConfig:
             "reward_gpus": GPUS, "learner_gpus": GPUS, "learner_cpus": NON_NEGATIVE, "learner_processes": POSITIVE,
             "torch_threads": NON_NEGATIVE,
             "placement_timeout_s": POSITIVE, "call_timeout_s": POSITIVE, "max_failures": NON_NEGATIVE})
-        if self.weight_broadcast not in ("object_store", "collective"):
-            raise ConfigError(f"cluster.weight_broadcast '{self.weight_broadcast}' must be object_store or collective")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"cluster.placement_strategy '{self.placement_strategy}' must be one of PACK, SPREAD, "
                               "STRICT_PACK, STRICT_SPREAD")
@@ -222,13 +220,25 @@ class RunConfig:
                                    "keep_checkpoints": POSITIVE, "report_queries": NON_NEGATIVE})
 
 
+def _actor_checks(section: str, settings: Any, actor_cls: type) -> None:
+    """The actor dataclass's own checks (its ``__post_init__``, if any), naming the section."""
+    check = getattr(actor_cls, "__post_init__", None)
+    if check is not None:
+        try:
+            check(settings)
+        except ValueError as err:
+            raise ConfigError(f"{section}: {err}") from None
+
+
 @dataclass
 class RolloutSection(RolloutSettings):
-    """The rollout actors' own settings (actors.rollout.RolloutSettings). The driver sets the seed
-    (run.seed) and the torch threads (cluster.torch_threads) itself, so they are not offered."""
+    """The rollout actors' own settings (actors.rollout.RolloutSettings); the driver sets their seed and threads."""
 
-    seed: Annotated[int, DRIVER_SETS] = 0
-    torch_threads: Annotated[int, DRIVER_SETS] = 1
+    seed: tyro.conf.Suppress[int] = 0
+    torch_threads: tyro.conf.Suppress[int] = 1
+
+    def __post_init__(self) -> None:
+        _actor_checks("rollout", self, RolloutSettings)
 
     def for_actor(self, seed: int, torch_threads: int) -> RolloutSettings:
         """The plain actor-side dataclass: actors never unpickle a learner type."""
@@ -237,10 +247,12 @@ class RolloutSection(RolloutSettings):
 
 @dataclass
 class RewardSection(RewardSettings):
-    """The reward actors' own settings (rewards.scorer.RewardSettings). The driver sets the torch
-    threads (cluster.torch_threads) itself, so they are not offered."""
+    """The reward actors' own settings (rewards.scorer.RewardSettings); the driver sets their threads."""
 
-    torch_threads: Annotated[int, DRIVER_SETS] = 1
+    torch_threads: tyro.conf.Suppress[int] = 1
+
+    def __post_init__(self) -> None:
+        _actor_checks("reward", self, RewardSettings)
 
     def for_actor(self, torch_threads: int) -> RewardSettings:
         return RewardSettings(**{**dataclasses.asdict(self), "torch_threads": torch_threads})
@@ -267,12 +279,7 @@ class Config:
         however its values were set; then every number must be finite; then the checks that
         span sections."""
         for section in dataclasses.fields(self):
-            try:
-                setattr(self, section.name, dataclasses.replace(getattr(self, section.name)))
-            except ConfigError:
-                raise
-            except ValueError as err:  # the actor sections' own checks
-                raise ConfigError(f"{section.name}: {err}") from None
+            setattr(self, section.name, dataclasses.replace(getattr(self, section.name)))
         for name, (typ, _) in leaves(hidden=True).items():
             value = get_path(self, name)
             if typ is float and not math.isfinite(value):
@@ -328,22 +335,31 @@ FROZEN_ON_RESUME = ("rollout.policy", "reward.model", "reward.positive_label", "
                     "ppo.batch_size", "ppo.mini_batch_size", "run.seed", "cluster.num_rollout_workers")
 
 
-DESCRIPTION = """PPO fine-tuning of GPT-2 on IMDB with a sentiment reward, on Ray.
+@dataclass
+class CommandLine:
+    """PPO fine-tuning of GPT-2 on IMDB with a sentiment reward, on Ray.
 
-Every setting is a flag named by its place in the config tree (- and _ alike). A YAML file
-(--config) may hold any of them, nested the same way; flags win over it. With --resume RUN_DIR
-the run's saved config is the base. Short aliases: --policy, --reward-model, --dataset,
---steps, --seed, --address, --num-rollout-workers, --out-dir, --learning-rate, --batch-size,
---resume."""
+    Every setting is a flag named by its place in the config tree (- and _ alike).
+
+    A YAML file (--config FILE) may hold any of them, nested the same way; flags win over it.
+
+    With --resume RUN_DIR the run's saved config is the base; flags still win.
+
+    Short aliases: --policy, --reward-model, --dataset, --steps, --seed, --address, --resume,
+    --out-dir, --num-rollout-workers, --learning-rate, --batch-size."""
+
+    config: str = ""
+    """YAML file of settings, nested like the flags; flags win over it"""
+    settings: Annotated[Config, tyro.conf.arg(name="")] = field(default_factory=Config)
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner.main") -> Config:
     """Defaults <- a resumed run's saved config <- the YAML file <- flags, validated.
 
-    The command line (and ``--help``) is built from the dataclasses with argparse; every error
-    it or the checks find is one ConfigError line.
+    tyro builds the command line (and ``--help``) from the dataclasses, each flag's help being
+    its field's docstring; every error it or the checks find is one ConfigError line.
     """
-    args = [_spelled(_expand_alias(a)) for a in (sys.argv[1:] if argv is None else argv)]
+    args = [_expand_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
     resume = _flag_value(args, "run.resume")
     run_dir = _resumable_run_dir(resume) if resume else None
     saved = saved_settings(run_dir / "config.yaml") if run_dir else {}
@@ -356,101 +372,53 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner
             if name not in offered:
                 raise _unknown(name, list(offered))
         base.update(settings)
-    cfg = from_overrides(base, validate=False)
-    flags, unknown = _parser(cfg, config_file or "", prog).parse_known_args(args)
+    default = CommandLine(config_file or "", from_overrides(base, validate=False))
+    cli, unknown = _tyro(args, default, prog)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), list(leaves()) + list(ALIASES))
-    for name in leaves():
-        set_path(cfg, name, getattr(flags, name))
+    cfg = cli.settings
     if run_dir:
         _check_resumable_changes(cfg, saved, run_dir)
     return cfg.validate()
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that raises its error as a ConfigError line instead of printing usage and exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(f"{message} (see {self.prog} --help)")
-
-
-def _parser(default: Config, config_file: str, prog: str) -> argparse.ArgumentParser:
-    """One flag per setting, grouped by section, each with its field's doc and current default
-    (the YAML file's or the resumed run's value where one is given)."""
-    parser = _OneLineParser(prog=prog, description=DESCRIPTION, allow_abbrev=False,
-                            usage="%(prog)s [-h] [--config FILE] [--SECTION.SETTING VALUE ...]",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", default=config_file,
-                        help=f"YAML file of settings, nested like the flags; flags win over it "
-                             f"(default: {config_file!r})")
-    offered = leaves()
-    for section in dataclasses.fields(Config):
-        cls = type(getattr(default, section.name))
-        own_doc = cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")  # not dataclass's signature
-        group = parser.add_argument_group(f"{section.name} options",
-                                          textwrap.fill(" ".join(cls.__doc__.split()), 88) if own_doc else None)
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            name = f"{section.name}.{f.name}"
-            if name in offered:
-                typ, value = offered[name][0], get_path(default, name)
-                shown = repr(value) if typ is str else value
-                group.add_argument(f"--{name}", dest=name, default=value, type=_converter(typ),
-                                   metavar=typ.__name__.upper(),
-                                   help=_help_text(f"{docs.get(f.name, '')} (default: {shown})"))
-    return parser
+def _tyro(args: list[str], default: CommandLine, prog: str) -> tuple[CommandLine, list[str]]:
+    """tyro's parse of ``args`` over ``default``, and the flags it does not know. ``--help``
+    prints and exits 0. Otherwise tyro prints nothing (console output off) and a refused value
+    raises its ConfigError line from tyro's parse-error hook (``_refused``)."""
+    helping = any(a in ("-h", "--help") for a in args)
+    try:
+        with on_parse_error(_refused):
+            return tyro.cli(CommandLine, args=args, default=default, prog=prog, use_underscores=True,
+                            return_unknown_args=True, console_outputs=helping,
+                            config=(tyro.conf.FlagConversionOff,))
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        raise ConfigError(f"bad command line (see {prog} --help)") from None  # refused, the hook absent
 
 
-def _help_text(text: str) -> str:
-    return " ".join(text.split()).replace("%", "%%")  # argparse formats help strings with %
+def _refused(event: Any) -> None:
+    """tyro's parse error as one ConfigError line: the flag, then why tyro refused its value."""
+    from tyro import _errors
 
-
-def _converter(typ: type) -> Callable[[str], Any]:
-    """A flag's text as the field's type; argparse names the flag in the error."""
-    def convert(text: str) -> Any:
-        if typ is bool:
-            if text.lower() in ("true", "false"):
-                return text.lower() == "true"
-            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from True, False)")
-        try:
-            return typ(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    return convert
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Each dataclass field's docstring (the string literal under it), from the class and its
-    dataclass bases: the text --help shows for the flag."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        except (OSError, TypeError):  # no source at hand (a frozen build): flags without their docs
-            continue
-        for node, after in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
-                docs[node.target.id] = after.value.value
-    return docs
+    arg = getattr(event, "argument", None)
+    where = f"argument {'/'.join(arg.lowered.name_or_flags)}: " if arg is not None else ""
+    see = f" (see {event.prog} --help)"
+    if isinstance(event, _errors.InstantiationFailure):  # a value tyro could not convert, or a section's check
+        raise ConfigError(where + event.message + (see if where else ""))
+    if isinstance(event, _errors.InvalidChoice):
+        raise ConfigError(f"{where}invalid choice {event.value!r} (choose from {', '.join(event.choices)}){see}")
+    if isinstance(event, _errors.BadValue) and event.reason == "too_few_values":
+        raise ConfigError(f"{where}expected one argument{see}")
+    raise ConfigError(f"{where}refused ({type(event).__name__}){see}")
 
 
 def _expand_alias(arg: str) -> str:
     key, sep, value = arg.partition("=")
     name = ALIASES.get(key[2:]) if key.startswith("--") else None
     return f"--{name}{sep}{value}" if name else arg
-
-
-def _spelled(arg: str) -> str:
-    """``--ppo.batch-size`` as ``--ppo.batch_size``: either spelling of a setting's underscores."""
-    key, sep, value = arg.partition("=")
-    if not key.startswith("--") or "-" not in key[2:]:
-        return arg
-    return f"--{key[2:].replace('-', '_')}{sep}{value}"
 
 
 def _flag_value(args: list[str], name: str) -> str | None:
@@ -466,14 +434,14 @@ def _flag_value(args: list[str], name: str) -> str | None:
 
 def leaves(cls: type = Config, prefix: str = "", hidden: bool = False) -> dict[str, tuple[type, Any]]:
     """Every setting the command line offers: dotted name -> (type, default). ``hidden=True``
-    adds those the driver sets itself (marked ``DRIVER_SETS``), which saved configs hold too."""
+    adds those the driver sets itself (``tyro.conf.Suppress``), which saved configs hold too."""
     out: dict[str, tuple[type, Any]] = {}
     hints, marked = typing.get_type_hints(cls), typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         name, typ = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(typ):
             out.update(leaves(typ, name + ".", hidden))
-        elif hidden or DRIVER_SETS not in typing.get_args(marked[f.name])[1:]:
+        elif hidden or tyro.conf.Suppress not in typing.get_args(marked[f.name])[1:]:
             out[name] = (typ, f.default if f.default is not dataclasses.MISSING else f.default_factory())
     return out
 
@@ -552,7 +520,10 @@ def saved_settings(path: str | Path) -> dict[str, Any]:
 
 
 def _resumable_run_dir(path: str) -> Path:
-    from learner.checkpoint import find_resumable
+    try:
+        from learner.records.checkpoint import find_resumable
+    except ModuleNotFoundError:  # the module's place before learner/records/
+        from learner.checkpoint import find_resumable
 
     run_dir, _, _ = find_resumable(Path(path))
     return run_dir

@@ -7,10 +7,9 @@
     # the recipe itself (hub models and data), on a running cluster:
     ray job submit --working-dir . -- python -m learner.main --steps 194
 
-Parses and checks the settings, then hands them to the driver (learner/driver.py). Its own
-imports are the settings code only (argparse, PyYAML), so ``--help`` and bad settings answer
-without loading torch, transformers or Ray; a run in a Python that lacks the project's
-dependencies gets one line that says how to get them.
+Parses and checks the settings (learner/config.py), then hands them to the driver
+(learner/orchestration/driver.py). A Python that lacks the project's dependencies gets one
+line that says how to get them instead of a traceback.
 """
 from __future__ import annotations
 
@@ -36,18 +35,17 @@ def missing_dependency_fix(root: Path = Path(__file__).resolve().parents[1], pre
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from learner.checkpoint import CheckpointError
         from learner.config import ConfigError, parse_args, resolve_local_paths
-        from learner.recovery import RunError, one_line
+        from learner.orchestration.driver import train
+        from learner.orchestration.placement import PlacementError
+        from learner.orchestration.recovery import RunError, one_line
+        from learner.records.checkpoint import CheckpointError
         from modelhost.loading import ModelLoadError
-
-        cfg = parse_args(argv)
-        resolve_local_paths(cfg)
-        from learner.driver import train
-        from learner.placement import PlacementError
     except ModuleNotFoundError as err:
         print(f"error: {err} in {sys.executable}: {missing_dependency_fix()}", file=sys.stderr)
         return 2
+    try:
+        cfg = resolve_local_paths(parse_args(argv))
     except (ConfigError, ModelLoadError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
