@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from learner import ppo
+from learner.core import ppo
 
 
 def test_masked_mean_var_whiten_by_hand():
