@@ -23,7 +23,7 @@ spread. ``--markdown FILE`` writes the same as markdown, with the machine, for B
 ``--figure FILE`` draws every run's reward against seconds of training. Both trainers run in
 fp32 (the only precision either has on CPU).
 
-Tiny smoke run (a couple of minutes):
+Tiny smoke run:
 
     python benchmarks/compare.py --steps 2 --seeds 0 1 --eval-queries 32 \\
         --extra-args "--ppo.batch_size 32 --ppo.mini_batch_size 32"
@@ -427,7 +427,8 @@ def markdown(args: argparse.Namespace, m: dict[str, Any], runs: list[RunResult],
     return "\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: which runs, the reference's venv and threads, the held-out scoring, the outputs."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/stand-in.yaml", help="settings file, relative to the repo root")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -450,8 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path, default=None,
                         help="draw reward against seconds of training for every run here (PNG)")
     parser.add_argument("--json", type=Path, default=None, help="write every run's per-step rows here")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def parse_cli(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, checked before any run starts; ``--steps`` defaults to the config's run.steps."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.steps is None:
         cfg_path = Path(args.config) if Path(args.config).is_absolute() else REPO / args.config
         args.steps = int(((yaml.safe_load(cfg_path.read_text()) or {}).get("run") or {}).get("steps") or 0)
@@ -461,19 +467,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no reference python at {args.python}: run bash benchmarks/setup_reference_env.sh")
     if args.eval_queries < 0:
         parser.error("--eval-queries must be >= 0")
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="ppo-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])])
-    m = machine()
-    load_before = loadavg()
+    return args
+
+
+def announce(args: argparse.Namespace, m: dict[str, Any], load_before: str, lags: list[int], work: Path) -> None:
+    """Prints the machine and the plan, with a warning when other work already loads the cores
+    (the timings would show it)."""
     print(f"machine: {m['cores']} cores, {m['cpu']}; torch {m['torch']}; load average {load_before}", flush=True)
     if float(load_before.split()[0]) > 0.5 * (m["cores"] or 1):
         print(f"warning: load average {load_before.split()[0]} on {m['cores']} cores before starting: other work "
               "shares the cores and the timings will show it", flush=True)
-    lags = list(dict.fromkeys(args.lags))
     print(f"{len(args.seeds)} seeds x {len(lags) + 1} runs (project max_lag {', '.join(map(str, lags))}; reference), "
           f"{args.steps} steps each; logs and runs in {work}", flush=True)
 
+
+def run_all(args: argparse.Namespace, work: Path, lags: list[int]) -> list[RunResult]:
+    """Every seed's runs, one after the other (never two at once: they would share the cores), the
+    order alternating from seed to seed."""
     runs: list[RunResult] = []
     t0 = time.perf_counter()
     jobs = [lambda seed, lag=lag: run_project(args, seed, work, lag) for lag in lags]
@@ -485,29 +495,55 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  -> {result.trainer} seed {seed}: {result.samples_per_second:.2f} samples/s, reward last 5 "
                   f"steps {result.reward_last5:+.3f}, {result.wall_seconds:.0f}s in all "
                   f"({time.perf_counter() - t0:.0f}s elapsed)", flush=True)
-    load_after = loadavg()
-    initial = score_held_out(args, runs) if args.eval_queries else None
+    return runs
 
-    tabs = tables(runs, initial)
-    verdict = equal_learning(runs, initial) if initial and len(args.seeds) > 1 else ""
+
+def print_results(tabs: dict[str, Table], verdict: str, load: tuple[str, str], work: Path) -> None:
+    """The tables and the verdict as text, then the load before and after and where the runs are."""
     for head, rows in tabs.values():
         print()
         print(text_table(head, rows))
     if verdict:
         print("\n" + verdict)
-    print(f"\nload average before / after: {load_before} / {load_after}; runs and logs in {work}")
+    print(f"\nload average before / after: {load[0]} / {load[1]}; runs and logs in {work}")
+
+
+def write_outputs(args: argparse.Namespace, m: dict[str, Any], runs: list[RunResult], tabs: dict[str, Table],
+                  verdict: str, initial: dict[str, float] | None, load: tuple[str, str], command: str) -> None:
+    """The files asked for: ``--figure``, ``--markdown``, ``--json``."""
     if args.figure:
         figure(runs, args.figure, f"{args.config}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}, "
                                   f"{m['cores']} cores ({m['cpu']})")
         print(f"figure written to {args.figure}")
     if args.markdown:
-        args.markdown.write_text(markdown(args, m, runs, tabs, verdict, (load_before, load_after), command))
+        args.markdown.write_text(markdown(args, m, runs, tabs, verdict, load, command))
         print(f"markdown written to {args.markdown}")
     if args.json:
         args.json.write_text(json.dumps({"machine": m, "args": {k: str(v) for k, v in vars(args).items()},
                                          "held_out_initial": initial, "runs": [vars(r) for r in runs]},
                                         indent=1, default=str))
         print(f"json written to {args.json}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs both trainers for every seed, scores the tuned policies, prints the results, writes the files."""
+    args = parse_cli(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="ppo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])])
+    m = machine()
+    load_before = loadavg()
+    lags = list(dict.fromkeys(args.lags))
+    announce(args, m, load_before, lags, work)
+
+    runs = run_all(args, work, lags)
+    load_after = loadavg()
+    initial = score_held_out(args, runs) if args.eval_queries else None
+
+    tabs = tables(runs, initial)
+    verdict = equal_learning(runs, initial) if initial and len(args.seeds) > 1 else ""
+    print_results(tabs, verdict, (load_before, load_after), work)
+    write_outputs(args, m, runs, tabs, verdict, initial, (load_before, load_after), command)
     return 0
 
 

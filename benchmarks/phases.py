@@ -7,7 +7,7 @@ Two runs of the same settings, one after the other (never at once: they share th
 
 - **alone**: the plain classes in this one process, without Ray: ``RolloutWorker.generate`` for each
   shard (the rollout actors' torch threads), ``SentimentScorer.score`` of the whole batch (the reward
-  actor's threads), ``PPOLearner.step`` (the learner's threads) and the in-process weight hand-over
+  actor's threads), ``LearnerActor.step`` (the learner's threads) and the in-process weight hand-over
   (``learner.weights()`` then ``load_weights`` into each worker). The data stream, seeds and thread
   counts are the ones ``python -m learner.main`` gives its actors;
 - **system**: ``python -m learner.main`` with the same settings; its ``stats.jsonl`` gives the
@@ -125,8 +125,8 @@ def report(alone: list[dict], system: list[dict]) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_cli(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """This script's flags, checked, and the settings after ``--`` (for both runs, in learner.main's spelling)."""
     settings = argv[argv.index("--") + 1:] if "--" in argv else []
     ours = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -145,42 +145,51 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is a warm-up)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.chdir(REPO)
+    return args, settings
 
+
+def load_config(args: argparse.Namespace, settings: list[str], work: Path) -> tuple[Any, list[str]]:
+    """The runs' config and the flags that give it to learner.main: ``--config``, the settings after
+    ``--`` and, with ``--policy``, that policy (the random GPT-2-small one is saved under `work`)."""
     from learner.config import ConfigError, parse_args, resolve_local_paths
 
-    with tempfile.TemporaryDirectory(prefix="ppo-phases-") as tmp:
-        work = Path(tmp)
-        full = ["--config", args.config, *settings]
-        try:
-            cfg = resolve_local_paths(parse_args(full))
-        except (ConfigError, SystemExit) as err:
-            sys.exit(f"error: {err}" if isinstance(err, ConfigError) else err.code)
-        if args.policy:
-            if args.policy == "gpt2-small":
-                sys.path.insert(0, str(REPO / "benchmarks"))
-                from gpu_check import random_gpt2_small  # the same random 124M policy as the GPU check
+    full = ["--config", args.config, *settings]
+    try:
+        cfg = resolve_local_paths(parse_args(full))
+    except (ConfigError, SystemExit) as err:
+        sys.exit(f"error: {err}" if isinstance(err, ConfigError) else err.code)
+    if args.policy:
+        if args.policy == "gpt2-small":
+            sys.path.insert(0, str(REPO / "benchmarks"))
+            from gpu_check import random_gpt2_small  # the same random 124M policy as the GPU check
 
-                policy = str(random_gpt2_small(Path(cfg.policy), work / "gpt2-small-random"))
-            else:
-                policy = str(Path(args.policy).resolve())
-            full += ["--rollout.policy", policy]
-            cfg = resolve_local_paths(parse_args(full))
-        import torch
+            policy = str(random_gpt2_small(Path(cfg.policy), work / "gpt2-small-random"))
+        else:
+            policy = str(Path(args.policy).resolve())
+        full += ["--rollout.policy", policy]
+        cfg = resolve_local_paths(parse_args(full))
+    return cfg, full
 
-        print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; policy {cfg.policy}, "
-              f"batch {cfg.ppo.batch_size}, {cfg.cluster.num_rollout_workers} rollout actors", flush=True)
-        alone, system = [], []
-        for i in range(args.rounds):
-            if args.only != "system":
-                alone += run_alone(cfg, args.steps)[1:]  # each round's first step warms up
-            if args.only != "alone":
-                (work / str(i)).mkdir()
-                system += run_system(full, args.steps, work / str(i))[1:]
+
+def run_rounds(args: argparse.Namespace, cfg: Any, full: list[str], work: Path) -> tuple[list[dict], list[dict]]:
+    """The steps alone and in the system over ``--rounds`` alternations, each run's first step
+    (a warm-up) left out."""
+    alone, system = [], []
+    for i in range(args.rounds):
+        if args.only != "system":
+            alone += run_alone(cfg, args.steps)[1:]  # each round's first step warms up
+        if args.only != "alone":
+            (work / str(i)).mkdir()
+            system += run_system(full, args.steps, work / str(i))[1:]
+    return alone, system
+
+
+def print_summary(alone: list[dict], system: list[dict], rounds: int) -> None:
+    """The medians side by side with the overhead (when both sides ran), then each side's phases
+    and the learner's forward passes and epochs."""
     if alone and system:
         r = report(alone, system)
-        print(f"\n{len(alone)} steps alone, {len(system)} in the system ({args.rounds} round(s)), medians")
+        print(f"\n{len(alone)} steps alone, {len(system)} in the system ({rounds} round(s)), medians")
         print(f"{'phase':<10} {'alone s':>8} {'system s':>9}")
         for p in PHASES:
             print(f"{p:<10} {r[f'alone/{p}']:8.3f} {r[f'system/{p}']:9.3f}")
@@ -191,6 +200,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: " + "  ".join(f"{p} {median(rows, 'time/' + p):.3f}s" for p in PHASES)
                   + f"  learner forward {median(rows, 'time/learner/forward'):.3f}s"
                   + f"  learner epochs {median(rows, 'time/learner/update'):.3f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the parts alone and the system on the same settings, prints the comparison, keeps the rows."""
+    args, settings = parse_cli(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.chdir(REPO)
+
+    with tempfile.TemporaryDirectory(prefix="ppo-phases-") as tmp:
+        work = Path(tmp)
+        cfg, full = load_config(args, settings, work)
+        import torch
+
+        print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; policy {cfg.policy}, "
+              f"batch {cfg.ppo.batch_size}, {cfg.cluster.num_rollout_workers} rollout actors", flush=True)
+        alone, system = run_rounds(args, cfg, full, work)
+    print_summary(alone, system, args.rounds)
     if args.json:
         args.json.write_text(json.dumps({"policy": cfg.policy, "batch_size": cfg.ppo.batch_size, "rounds": args.rounds,
                                          "summary": report(alone, system) if alone and system else None,

@@ -6,7 +6,7 @@ Runs in its own virtual environment, never in the project's (TRL 0.11.4 needs tr
     HF_HUB_OFFLINE=1 benchmarks/.venv-trl/bin/python benchmarks/reference_trl.py \\
         --config configs/stand-in.yaml --steps 40 --seed 0 --out /tmp/trl.jsonl
 
-It is the notebook's loop with the reference's best settings (shared/docs/seed.md):
+It is the notebook's loop with the reference's best settings (docs/recipe.md):
 
 1. queries: IMDB reviews over ``data.min_review_chars`` characters, the first k policy tokens,
    k uniform in [query_min_tokens, query_max_tokens] drawn once per review; a seeded shuffle,
@@ -35,12 +35,13 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The recipe's values (shared/docs/seed.md), under the project's dotted names. Only these
+# The recipe's values (docs/recipe.md), under the project's dotted names. Only these
 # settings mean something to the reference trainer; others in the YAML are ignored.
 DEFAULTS: dict[str, Any] = {
     "rollout.policy": "lvwerra/gpt2-imdb",
@@ -169,7 +170,26 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Reference:
+    """What every step uses: the TRL trainer and its config, the policy's tokenizer, the reward
+    model with the index of its positive label, the prompts and the response-length draws."""
+
+    s: dict[str, Any]
+    config: Any
+    trainer: Any
+    tokenizer: Any
+    device: Any
+    reward_tok: Any
+    reward_model: Any
+    positive: int
+    prompts: Prompts
+    length_rng: Any
+    gen_kwargs: dict[str, Any]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; any other ``--section.key value`` flags are settings (``load_settings``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Other flags: --section.key value, the project's setting names "
                                             "(e.g. --ppo.batch_size 32 --ppo.mini_batch_size 32).")
@@ -181,14 +201,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON lines file: one line per step, then a summary")
     parser.add_argument("--save-policy", default=None,
                         help="save the tuned policy (causal LM and tokenizer, no value head) to this folder")
-    args, rest = parser.parse_known_args(argv)
-    s, ignored = load_settings(args.config or None, rest)
-    steps = args.steps if args.steps is not None else s["run.steps"]
-    seed = args.seed if args.seed is not None else s["run.seed"]
-    if steps <= 0:
-        raise SystemExit("error: give --steps (the config has run.steps 0)")
+    return parser
 
-    t_start = time.perf_counter()
+
+def ppo_config(s: dict[str, Any], seed: int) -> Any:
+    """TRL's ``PPOConfig`` from the settings."""
+    from trl import PPOConfig
+
+    return PPOConfig(
+        seed=seed, learning_rate=s["ppo.learning_rate"], batch_size=s["ppo.batch_size"],
+        mini_batch_size=s["ppo.mini_batch_size"], ppo_epochs=s["ppo.ppo_epochs"], gamma=s["ppo.gamma"],
+        lam=s["ppo.lam"], cliprange=s["ppo.cliprange"], cliprange_value=s["ppo.cliprange_value"],
+        vf_coef=s["ppo.vf_coef"], ratio_threshold=s["ppo.ratio_threshold"], kl_penalty=s["ppo.kl_penalty"],
+        adap_kl_ctrl=s["ppo.adap_kl_ctrl"], init_kl_coef=s["ppo.init_kl_coef"], target=s["ppo.target"],
+        horizon=s["ppo.horizon"], log_with=None)
+
+
+def load_reward_model(s: dict[str, Any], device: Any) -> tuple[Any, Any, int]:
+    """The reward model's tokenizer, the model (on the trainer's device, eval mode) and the index
+    of ``reward.positive_label``, found by its name."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reward_tok = AutoTokenizer.from_pretrained(s["reward.model"])
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        s["reward.model"], torch_dtype=torch.float32).to(device).eval()
+    by_name = {name: int(i) for i, name in reward_model.config.id2label.items()}
+    if s["reward.positive_label"] not in by_name:
+        raise SystemExit(f"error: reward model has no label {s['reward.positive_label']!r} ({sorted(by_name)})")
+    return reward_tok, reward_model, by_name[s["reward.positive_label"]]
+
+
+def load_reference(s: dict[str, Any], seed: int, threads: int) -> tuple[Reference, dict[str, Any]]:
+    """Imports TRL and its stack, loads the models and builds the trainer; returns them with the
+    versions, threads and device (for the summary)."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # "PPOTrainer is deprecated"
     warnings.filterwarnings("ignore", message=".*No dataset is provided.*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -197,19 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
     import trl
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    from transformers import AutoTokenizer
+    from trl import AutoModelForCausalLMWithValueHead, PPOTrainer
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
 
-    config = PPOConfig(
-        seed=seed, learning_rate=s["ppo.learning_rate"], batch_size=s["ppo.batch_size"],
-        mini_batch_size=s["ppo.mini_batch_size"], ppo_epochs=s["ppo.ppo_epochs"], gamma=s["ppo.gamma"],
-        lam=s["ppo.lam"], cliprange=s["ppo.cliprange"], cliprange_value=s["ppo.cliprange_value"],
-        vf_coef=s["ppo.vf_coef"], ratio_threshold=s["ppo.ratio_threshold"], kl_penalty=s["ppo.kl_penalty"],
-        adap_kl_ctrl=s["ppo.adap_kl_ctrl"], init_kl_coef=s["ppo.init_kl_coef"], target=s["ppo.target"],
-        horizon=s["ppo.horizon"], log_with=None)
+    config = ppo_config(s, seed)
     # The notebook: value-head policy; the reference model a frozen copy (PPOTrainer makes it).
     # The value head is initialised at load time, before PPOTrainer seeds: seed it too, or every
     # run of the same seed starts from another value head (as the notebook's runs did).
@@ -217,27 +257,86 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLMWithValueHead.from_pretrained(s["rollout.policy"], torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(s["rollout.policy"])
     tokenizer.pad_token = tokenizer.eos_token
-    eos = tokenizer.eos_token_id
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tokenizer)  # set_seed(seed) inside
     device = trainer.accelerator.device
-
-    reward_tok = AutoTokenizer.from_pretrained(s["reward.model"])
-    reward_model = AutoModelForSequenceClassification.from_pretrained(
-        s["reward.model"], torch_dtype=torch.float32).to(device).eval()
-    by_name = {name: int(i) for i, name in reward_model.config.id2label.items()}
-    if s["reward.positive_label"] not in by_name:
-        raise SystemExit(f"error: reward model has no label {s['reward.positive_label']!r} ({sorted(by_name)})")
-    positive = by_name[s["reward.positive_label"]]
+    reward_tok, reward_model, positive = load_reward_model(s, device)
 
     prompts = Prompts(s, tokenizer, seed)
     length_rng = np.random.default_rng([seed, 11])  # per-query response lengths
     gen_kwargs = {"min_length": -1, "top_k": s["rollout.top_k"], "top_p": s["rollout.top_p"],
-                  "temperature": s["rollout.temperature"], "do_sample": True, "pad_token_id": eos}
-    load_seconds = time.perf_counter() - t_start
+                  "temperature": s["rollout.temperature"], "do_sample": True, "pad_token_id": tokenizer.eos_token_id}
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "device": str(device)}
-    print(f"reference (TRL {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
-          f"{info['threads']} threads): {len(prompts.texts)} reviews, batch {config.batch_size}, "
+    return Reference(s=s, config=config, trainer=trainer, tokenizer=tokenizer, device=device, reward_tok=reward_tok,
+                     reward_model=reward_model, positive=positive, prompts=prompts, length_rng=length_rng,
+                     gen_kwargs=gen_kwargs), info
+
+
+def run_step(ref: Reference, step: int) -> dict[str, Any]:
+    """One step of the loop (the module docstring's 1 to 4); returns its statistics row."""
+    import torch
+
+    s, tokenizer = ref.s, ref.tokenizer
+    t0 = time.perf_counter()
+    queries = [torch.tensor(q, dtype=torch.long, device=ref.device) for q in ref.prompts.next_batch()]
+    lengths = ref.length_rng.integers(s["rollout.response_min_tokens"], s["rollout.response_max_tokens"] + 1,
+                                      size=len(queries)).tolist()
+    # 2. generate: one call for the whole batch, to the longest drawn length, then cut.
+    t1 = time.perf_counter()
+    generated = ref.trainer.generate(queries, batch_size=len(queries), return_prompt=False,
+                                     max_new_tokens=max(lengths), **ref.gen_kwargs)  # cut after first EOS
+    responses = [r[:n] for r, n in zip(generated, lengths)]
+    t2 = time.perf_counter()
+    # 3. score: raw POSITIVE logit of query text + response text, one padded forward pass.
+    texts = [tokenizer.decode(q, skip_special_tokens=True) + tokenizer.decode(r, skip_special_tokens=True)
+             for q, r in zip(queries, responses)]
+    with torch.inference_mode():
+        enc = ref.reward_tok(texts, padding=True, truncation=True, max_length=s["reward.max_length"],
+                             return_tensors="pt").to(ref.device)
+        logits = ref.reward_model(**enc).logits[:, ref.positive].float().cpu()
+    scores = [x.clone() for x in logits]
+    t3 = time.perf_counter()
+    # 4. the PPO step
+    stats = ref.trainer.step(queries, responses, scores)
+    t4 = time.perf_counter()
+    return {
+        "step": step, "env/reward_mean": float(logits.mean()),
+        "env/reward_std": float(logits.std()) if len(logits) > 1 else 0.0,
+        "objective/kl": float(stats["objective/kl"]), "objective/kl_coef": float(stats["objective/kl_coef"]),
+        "tokens/responses_len_mean": _mean([float(len(r)) for r in responses]),
+        "time/data": t1 - t0, "time/generate": t2 - t1, "time/score": t3 - t2, "time/update": t4 - t3,
+        "time/step": t4 - t0, "samples_per_second": len(queries) / (t4 - t0),
+    }
+
+
+def step_summary(rows: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """The summary's speed and reward: mean phase times and samples per second without the first
+    step (it warms up) unless it is the only one, the mean reward of the first and last 5 steps."""
+    timed = rows[1:] if len(rows) > 1 else rows  # the first step warms up
+    return {
+        "warmup_steps_excluded": len(rows) - len(timed),
+        **{f"mean/{k}": _mean([r[k] for r in timed])
+           for k in ("time/data", "time/generate", "time/score", "time/update", "time/step")},
+        "samples_per_second": batch_size * len(timed) / sum(r["time/step"] for r in timed),
+        "reward_mean_last5": _mean([r["env/reward_mean"] for r in rows[-5:]]),
+        "reward_mean_first5": _mean([r["env/reward_mean"] for r in rows[:5]]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Loads the reference, runs its steps, writes a line per step and the summary, saves the policy."""
+    args, rest = build_parser().parse_known_args(argv)
+    s, ignored = load_settings(args.config or None, rest)
+    steps = args.steps if args.steps is not None else s["run.steps"]
+    seed = args.seed if args.seed is not None else s["run.seed"]
+    if steps <= 0:
+        raise SystemExit("error: give --steps (the config has run.steps 0)")
+
+    t_start = time.perf_counter()
+    ref, info = load_reference(s, seed, args.threads)
+    load_seconds = time.perf_counter() - t_start
+    print(f"reference (TRL {info['trl']}, transformers {info['transformers']}, torch {info['torch']}, "
+          f"{info['threads']} threads): {len(ref.prompts.texts)} reviews, batch {ref.config.batch_size}, "
           f"{steps} steps, seed {seed}; loaded in {load_seconds:.1f}s"
           + (f"; ignored config keys: {', '.join(ignored)}" if ignored else ""), flush=True)
 
@@ -245,36 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         for step in range(steps):
-            t0 = time.perf_counter()
-            queries = [torch.tensor(q, dtype=torch.long, device=device) for q in prompts.next_batch()]
-            lengths = length_rng.integers(s["rollout.response_min_tokens"], s["rollout.response_max_tokens"] + 1,
-                                          size=len(queries)).tolist()
-            # 2. generate: one call for the whole batch, to the longest drawn length, then cut.
-            t1 = time.perf_counter()
-            generated = trainer.generate(queries, batch_size=len(queries), return_prompt=False,
-                                         max_new_tokens=max(lengths), **gen_kwargs)  # cut after first EOS
-            responses = [r[:n] for r, n in zip(generated, lengths)]
-            t2 = time.perf_counter()
-            # 3. score: raw POSITIVE logit of query text + response text, one padded forward pass.
-            texts = [tokenizer.decode(q, skip_special_tokens=True) + tokenizer.decode(r, skip_special_tokens=True)
-                     for q, r in zip(queries, responses)]
-            with torch.inference_mode():
-                enc = reward_tok(texts, padding=True, truncation=True, max_length=s["reward.max_length"],
-                                 return_tensors="pt").to(device)
-                logits = reward_model(**enc).logits[:, positive].float().cpu()
-            scores = [x.clone() for x in logits]
-            t3 = time.perf_counter()
-            # 4. the PPO step
-            stats = trainer.step(queries, responses, scores)
-            t4 = time.perf_counter()
-            row = {
-                "step": step, "env/reward_mean": float(logits.mean()),
-                "env/reward_std": float(logits.std()) if len(logits) > 1 else 0.0,
-                "objective/kl": float(stats["objective/kl"]), "objective/kl_coef": float(stats["objective/kl_coef"]),
-                "tokens/responses_len_mean": _mean([float(len(r)) for r in responses]),
-                "time/data": t1 - t0, "time/generate": t2 - t1, "time/score": t3 - t2, "time/update": t4 - t3,
-                "time/step": t4 - t0, "samples_per_second": len(queries) / (t4 - t0),
-            }
+            row = run_step(ref, step)
             rows.append(row)
             if out:
                 out.write(json.dumps(row) + "\n")
@@ -282,26 +352,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step + 1}/{steps}  reward {row['env/reward_mean']:+.3f}  kl {row['objective/kl']:.3f}  "
                   f"gen {row['time/generate']:.2f}s  score {row['time/score']:.2f}s  "
                   f"update {row['time/update']:.2f}s  {row['samples_per_second']:.1f} samples/s", flush=True)
-        timed = rows[1:] if len(rows) > 1 else rows  # the first step warms up
         summary = {
             "summary": True, "trainer": "trl-legacy-PPOTrainer", "steps": steps, "seed": seed,
-            "batch_size": config.batch_size, "warmup_steps_excluded": len(rows) - len(timed),
-            **{f"mean/{k}": _mean([r[k] for r in timed])
-               for k in ("time/data", "time/generate", "time/score", "time/update", "time/step")},
-            "samples_per_second": config.batch_size * len(timed) / sum(r["time/step"] for r in timed),
-            "reward_mean_last5": _mean([r["env/reward_mean"] for r in rows[-5:]]),
-            "reward_mean_first5": _mean([r["env/reward_mean"] for r in rows[:5]]),
+            "batch_size": ref.config.batch_size, **step_summary(rows, ref.config.batch_size),
             "load_seconds": load_seconds, "wall_seconds": time.perf_counter() - t_start, **info,
             "settings": s,
         }
         if args.save_policy:  # for held-out scoring by the project's own code (benchmarks/compare.py)
-            trainer.model.pretrained_model.save_pretrained(args.save_policy, safe_serialization=True)
-            tokenizer.save_pretrained(args.save_policy)
+            ref.trainer.model.pretrained_model.save_pretrained(args.save_policy, safe_serialization=True)
+            ref.tokenizer.save_pretrained(args.save_policy)
             summary["policy"] = str(Path(args.save_policy).resolve())
         if out:
             out.write(json.dumps(summary) + "\n")
         print(f"reference: {summary['samples_per_second']:.1f} samples/s "
-              f"({'without' if len(timed) < len(rows) else 'with'} the first step), "
+              f"({'without' if summary['warmup_steps_excluded'] else 'with'} the first step), "
               f"reward last 5 steps {summary['reward_mean_last5']:+.3f}", flush=True)
     finally:
         if out:

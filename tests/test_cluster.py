@@ -180,11 +180,8 @@ def local_cluster():
         yield cluster
 
 
-@pytest.mark.e2e
-def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalCluster, policy_dir: Path,
-                                                       reward_dir: Path, imdb_dir: Path):
-    c = local_cluster
-    # Token mode is really on: the dashboard API refuses requests without the token.
+def assert_dashboard_needs_the_token(c: LocalCluster) -> None:
+    """Token mode is really on: the dashboard API refuses requests without the token or with a wrong one."""
     with pytest.raises(urllib.error.HTTPError) as refused:
         c.get("/api/jobs/", token=None)
     assert refused.value.code == 401
@@ -192,7 +189,10 @@ def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalClust
         c.get("/api/jobs/", token="not-the-token")
     assert refused.value.code == 403
 
-    out_dir = c.root / "runs"
+
+def submit_run(c: LocalCluster, policy_dir: Path, reward_dir: Path, imdb_dir: Path, out_dir: Path) -> tuple[str, str]:
+    """Two PPO steps on the stand-ins with SPREAD, through ``ray job submit --working-dir``; checks
+    the job SUCCEEDED and returns its submission id and the client's output."""
     runtime_env = {
         # Keep the upload small: the reference trainer's venv, old runs and git history stay home.
         "excludes": [".git", "runs", "benchmarks", "**/__pycache__", ".pytest_cache", "*.egg-info"],
@@ -220,7 +220,11 @@ def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalClust
     assert status["status"] == "SUCCEEDED", f"job {status['status']}: {status.get('message')}\n{output[-6000:]}"
     print(f"job took {time.monotonic() - t0:.0f}s")
     print("\n".join(ln for ln in output.splitlines() if ln.startswith(("Ray dashboard", "step "))))
-    # cluster/README.md's other way to pass the token: a header, with token mode off locally.
+    return submission_id, output
+
+
+def assert_header_token_works(c: LocalCluster, submission_id: str) -> None:
+    """cluster/README.md's other way to pass the token: a header, with token mode off locally."""
     plain_env = {k: v for k, v in c.env.items() if not k.startswith("RAY_AUTH_")}
     plain_env["RAY_AUTH_MODE"] = "disabled"
     headers = json.dumps({"Authorization": f"Bearer {c.token}"})
@@ -229,13 +233,9 @@ def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalClust
     assert job_status.returncode == 0 and f"Job '{submission_id}' succeeded" in job_status.stdout, (
         job_status.stdout + job_status.stderr)
 
-    # The run happened: two steps of statistics and a saved policy.
-    run_dir = out_dir / RUN_NAME
-    assert len((run_dir / "stats.jsonl").read_text().splitlines()) == 2, output[-3000:]
-    assert (run_dir / "policy").is_dir()
-    assert "tuned policy saved to" in output
 
-    # Where the actors ran: the state API keeps dead actors with their node.
+def assert_rollouts_on_distinct_nodes(c: LocalCluster) -> None:
+    """Where the actors ran: the state API keeps dead actors with their node."""
     nodes = {nd["node_id"]: nd for nd in c.state("nodes")}
     actors = [a for a in c.state("actors") if a.get("ray_namespace") == f"ppo-{RUN_NAME}"]
     by_name = {a["name"]: a for a in actors}
@@ -246,3 +246,21 @@ def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalClust
               for name, a in by_name.items()}
     print(f"actors on nodes: {placed}")
     assert rollout_nodes[0] != rollout_nodes[1], f"SPREAD left both rollout actors on one node: {placed}"
+
+
+@pytest.mark.e2e
+def test_driver_runs_on_multi_node_cluster_with_spread(local_cluster: LocalCluster, policy_dir: Path,
+                                                       reward_dir: Path, imdb_dir: Path):
+    c = local_cluster
+    assert_dashboard_needs_the_token(c)
+    out_dir = c.root / "runs"
+    submission_id, output = submit_run(c, policy_dir, reward_dir, imdb_dir, out_dir)
+    assert_header_token_works(c, submission_id)
+
+    # The run happened: two steps of statistics and a saved policy.
+    run_dir = out_dir / RUN_NAME
+    assert len((run_dir / "stats.jsonl").read_text().splitlines()) == 2, output[-3000:]
+    assert (run_dir / "policy").is_dir()
+    assert "tuned policy saved to" in output
+
+    assert_rollouts_on_distinct_nodes(c)
