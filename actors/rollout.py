@@ -2,21 +2,21 @@
 
 A plain Python class; the driver makes it an actor with ``ray.remote(...)(RolloutWorker)``.
 Each PPO step the driver splits the step's queries into shards, one per worker; a worker
-samples its shard in one batched loop (``sample_responses``) and (in ``rollout``) sends the
-texts to a sentiment scorer.
+samples its shard as one batch (``actors.sampling``: a KV-cache loop where the model allows it,
+transformers' ``generate`` otherwise) and (in ``rollout``) sends the texts to a sentiment scorer.
+Weights arrive through ``load_weights`` (the driver passes them through Ray's object store).
 
-Sampling is the reference recipe's (docs/seed.md): top_k=0, top_p=1.0, temperature 1,
+Sampling is the reference recipe's (docs/recipe.md): top_k=0, top_p=1.0, temperature 1,
 ``max_new_tokens`` drawn uniformly from [response_min_tokens, response_max_tokens] per query,
 EOS ends a response and stays in it. Sampling a batch, each row up to its own length, samples
 the same distribution as one query at a time.
 
-Two faults of the original notebook are avoided on purpose: it generated one query at a time
-(slow), and it cut responses with ``[-gen_len:]``, which takes query tokens when EOS ends a
-response early. Here each response holds only the tokens sampled for it.
+The reference notebook generated one query at a time, and cut responses with ``[-gen_len:]``,
+which takes query tokens when EOS ends a response early. Here a shard is one batch, and each
+response holds only the tokens sampled for it.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -26,15 +26,53 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, DynamicCache, LogitsProcessor, LogitsProcessorList,
-                          PreTrainedModel, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (AutoModelForCausalLM, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
-from actors.settings import RolloutSettings
+from actors.sampling import InverseCdfSampling, Sampler, choose_sampler, sample_responses
 from modelhost.loading import load_model_and_tokenizer
 from modelhost.process import process_info, resolve_device
 from modelhost.weights import distinct_tensors, numpy_copies, tied_duplicates
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Rollout", "RolloutSettings", "RolloutWorker", "draw_lengths_and_seed", "left_pad", "InverseCdfSampling",
+           "sampling_processors", "sample_responses"]
+
+
+@dataclass
+class RolloutSettings:
+    """The rollout worker's own config (the learner's config tree hands it over)."""
+
+    policy: str = "lvwerra/gpt2-imdb"
+    """Hub id or local save_pretrained folder of the policy (tried as a local folder first)."""
+    response_min_tokens: int = 4
+    """Smallest per-query max_new_tokens; each query draws uniformly from [min, max] inclusive."""
+    response_max_tokens: int = 15
+    """Largest per-query max_new_tokens."""
+    top_k: int = 0
+    """0 disables top-k filtering (the recipe)."""
+    top_p: float = 1.0
+    """1.0 disables nucleus filtering (the recipe)."""
+    temperature: float = 1.0
+    """Sampling temperature (the recipe: 1). Log-probs are of the untempered policy, as in TRL."""
+    seed: int = 0
+    """Base seed; lengths and sampling are seeded from (seed, step, shard)."""
+    device: str = "auto"
+    """'auto': cuda if available else cpu; or any torch device string."""
+    torch_threads: int = 1
+    """torch.set_num_threads in the worker, so several actors on one node don't oversubscribe cores."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.response_min_tokens <= self.response_max_tokens:
+            raise ValueError(
+                f"need 1 <= response_min_tokens <= response_max_tokens, got "
+                f"{self.response_min_tokens} and {self.response_max_tokens}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or self.temperature <= 0.0:
+            raise ValueError(f"need top_k >= 0, 0 < top_p <= 1 and temperature > 0, got top_k={self.top_k}, "
+                             f"top_p={self.top_p}, temperature={self.temperature}")
+        if self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
 
 
 @dataclass
@@ -95,95 +133,12 @@ def left_pad(queries: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, attention_mask
 
 
-class InverseCdfSampling(LogitsProcessor):
-    """Draws each row's next token from softmax(scores) with one uniform number (the inverse of
-    the cumulative distribution, summed in float64), and returns scores that only the drawn
-    token tops, so an argmax picks the draw. Only the running sum is in float64, so
-    the last entries of a 50k vocabulary are not lost to rounding.
-
-    Why not the sampling of transformers' ``generate``: ``torch.multinomial`` draws one
-    exponential number per vocabulary entry and row; on CPU that was 29% of a rollout actor's
-    generation (11 ms a token for 64 rows of an 8192-token vocabulary, against about 1 ms here).
-    The distribution is the same; the tokens a given seed draws are not.
-    """
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1, dtype=torch.float64)  # as generate: fp32 softmax
-        u = torch.rand((len(scores), 1), generator=self.generator, dtype=torch.float64, device=scores.device)
-        # The first entry whose cumulative sum exceeds u: entries of probability 0 (cut by top-k/top-p)
-        # never are, since their sum equals the one before them.
-        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
-
-
 def sampling_processors(settings: RolloutSettings, generator: torch.Generator) -> LogitsProcessorList:
     """The recipe's warpers in transformers' ``generate`` order (temperature, top-k, top-p), then the draw."""
     warpers = ([TemperatureLogitsWarper(settings.temperature)] if settings.temperature != 1.0 else []) + \
         ([TopKLogitsWarper(settings.top_k)] if settings.top_k > 0 else []) + \
         ([TopPLogitsWarper(settings.top_p)] if settings.top_p < 1.0 else [])
     return LogitsProcessorList([*warpers, InverseCdfSampling(generator)])
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """The name a model's forward takes its KV cache by: recent transformers 5 releases call it
-    ``cache`` (``past_key_values`` still works there, with a warning that it goes in 5.40)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def sample_responses(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     lengths: Sequence[int], eos_id: int, processors: LogitsProcessorList
-                     ) -> tuple[list[list[int]], list[list[float]]]:
-    """Samples one response per left-padded row (B, P), token by token with a KV cache; returns
-    each row's tokens (B, Lr_i) and their log-probs (B, Lr_i).
-
-    A row stops at its drawn length ``lengths[i]`` or at its first EOS (kept), and then leaves
-    the batch and the cache. Why not ``model.generate``: it runs every row to the longest drawn
-    length and the excess is cut off afterwards; lengths are drawn uniformly from 4..16 in the
-    recipe, so over a third of its row-tokens were thrown away (64 rows of the stand-in on one
-    core: 0.47 s with generate, 0.32 s here; BENCHMARKS.md section 2). Each token is drawn by
-    ``processors``, whose output only the drawn token tops (``sampling_processors``).
-
-    Log-probs come from the raw logits (before any warper) in fp32, so they are the policy's own
-    log pi(token | prefix), the quantity PPO's ratio needs; with the recipe's sampling the
-    warpers are identities anyway.
-    """
-    device = input_ids.device
-    responses: list[list[int]] = [[] for _ in lengths]
-    logprobs: list[list[float]] = [[] for _ in lengths]
-    rows = list(range(len(lengths)))  # the rows still sampling, as indices into the batch
-    limit = torch.tensor(list(lengths), device=device)  # (b,) the remaining rows' drawn lengths
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: queries start at position 0
-    seen = input_ids  # (b, P + t): what the processors are given as input_ids
-    cache = DynamicCache()
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions,
-              _cache_argument(model.base_model): cache, "use_cache": True}
-    head = model.get_output_embeddings()
-    with torch.no_grad():
-        for t in range(max(lengths)):
-            hidden = model.base_model(**inputs).last_hidden_state[:, -1]  # (b, H): each row's last position
-            raw = head(hidden).float()  # (b, V)
-            token = processors(seen, raw).argmax(dim=-1)  # (b,)
-            logp = torch.log_softmax(raw, dim=-1).gather(-1, token[:, None]).squeeze(-1)  # (b,)
-            for i, tok, lp in zip(rows, token.tolist(), logp.tolist()):
-                responses[i].append(tok)
-                logprobs[i].append(lp)
-            going = (token != eos_id) & (limit > t + 1)  # (b,)
-            if not bool(going.any()):
-                break
-            positions = positions[:, -1:] + 1  # (b, 1)
-            mask = inputs["attention_mask"]
-            if not bool(going.all()):  # finished rows leave the batch and the cache
-                keep = going.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                rows = [rows[k] for k in keep.tolist()]
-                limit, token, positions, mask, seen = limit[keep], token[keep], positions[keep], mask[keep], seen[keep]
-            seen = torch.cat([seen, token[:, None]], dim=1)
-            inputs.update(input_ids=token[:, None], position_ids=positions,
-                          attention_mask=torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1))
-    return responses, logprobs
 
 
 class RolloutWorker:
@@ -200,17 +155,20 @@ class RolloutWorker:
         self.scorers = list(scorers)
         self.device = resolve_device(settings.device)
         self.model, self.tokenizer = load_model_and_tokenizer(AutoModelForCausalLM, settings.policy, "policy model")
-        # The recipe pads with EOS (GPT-2 has no pad token); left padding so generation continues each query.
-        self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "left"
-        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.eos_id = int(self.tokenizer.eos_token_id)  # also the padding of left_pad, as in the recipe
         self.model.to(self.device).eval()
         self.max_positions = int(getattr(self.model.config, "n_positions",
                                          getattr(self.model.config, "max_position_embeddings", 0)))
+        self.sampler: Sampler = choose_sampler(self.model)
         self._tied = tied_duplicates(self.model)
         self._weight_version = 0
         logger.info("rollout worker pid %d: %s on %s, %d torch threads", os.getpid(), settings.policy,
                     self.device, settings.torch_threads)
+
+    @property
+    def sampler_name(self) -> str:
+        """Which sampling backend this worker's model got (``actors.sampling.choose_sampler``)."""
+        return self.sampler.name
 
     @property
     def weight_version(self) -> int:
@@ -249,61 +207,15 @@ class RolloutWorker:
         """The policy's state_dict as numpy copies, tied duplicates omitted."""
         return numpy_copies(self.model)
 
-    # ------------------------------------------------------------ collective weight broadcast
-
-    def join_weight_group(self, init_method: str, rank: int, world_size: int, backend: str = "gloo",
-                          timeout_s: float = 300.0, keep_buffers: bool = True) -> None:
-        """Joins the learner's weight group (``actors.collective.WeightGroup``) as ``rank`` (> 0).
-
-        Blocks until every rank has joined: the driver calls it on all members at once. Leaves
-        this worker's previous group first, if any. NCCL needs the worker on a CUDA device; with
-        gloo the buffers are on the CPU whatever the worker's device. ``keep_buffers``: keep the
-        receive buffer between broadcasts (one extra copy of the weights in memory; see WeightGroup).
-        """
-        from actors.collective import WeightGroup
-
-        if rank < 1:
-            raise ValueError(f"a rollout worker receives weights: its rank must be >= 1 (0 is the sender), got {rank}")
-        if backend == "nccl" and self.device.type != "cuda":
-            raise ValueError(f"backend 'nccl' needs the rollout worker on a CUDA device; it is on {self.device}")
-        self.leave_weight_group()
-        self._weight_group = WeightGroup(init_method, rank, world_size, backend, timeout_s,
-                                         group_name=f"weights-rank{rank}",
-                                         device=self.device if backend == "nccl" else "cpu",
-                                         keep_buffers=keep_buffers)
-
-    def receive_weights(self) -> int:
-        """Receives one versioned broadcast of the learner's weights in place; returns (and holds) its version.
-
-        The tensors are the causal LM's state_dict without tied duplicates, in state_dict order:
-        the order the learner sends. A layout mismatch raises ``WeightLayoutError`` and leaves the
-        weights and version as they were.
-        """
-        from actors.collective import lm_tensors, receive
-
-        group = getattr(self, "_weight_group", None)
-        if group is None:
-            raise RuntimeError("receive_weights: this rollout worker is in no weight group; call join_weight_group first")
-        self._weight_version = receive(group, lm_tensors(self.model))
-        logger.debug("received weights version %d", self._weight_version)
-        return self._weight_version
-
-    def leave_weight_group(self) -> None:
-        """Leaves the weight group, if in one (safe to call at any time)."""
-        group = getattr(self, "_weight_group", None)
-        self._weight_group = None
-        if group is not None:
-            group.destroy()
-
     def generate(self, queries: list[list[int]], step: int, shard: int) -> Rollout:
-        """Samples one response per query in one batched loop (``sample_responses``); scores stay None."""
+        """Samples one response per query as one batch (``self.sampler``); scores stay None."""
         queries = self._checked_queries(queries)
         start = time.perf_counter()
         lengths, torch_seed = draw_lengths_and_seed(self.settings, step, shard, len(queries))
         input_ids, attention_mask = left_pad(queries, self.eos_id)
         generator = torch.Generator(self.device).manual_seed(torch_seed)
-        responses, logprobs = sample_responses(
-            self.model, input_ids.to(self.device), attention_mask.to(self.device), lengths, self.eos_id,
+        responses, logprobs = self.sampler.sample(
+            input_ids.to(self.device), attention_mask.to(self.device), lengths, self.eos_id,
             sampling_processors(self.settings, generator))
         texts = self.tokenizer.batch_decode([q + r for q, r in zip(queries, responses)],
                                             skip_special_tokens=True)
@@ -325,7 +237,7 @@ class RolloutWorker:
 
     def ping(self) -> dict:
         """Where this worker runs, for the driver's start-up log and health checks."""
-        return {**process_info(self.device), "weight_version": self._weight_version}
+        return {**process_info(self.device), "weight_version": self._weight_version, "sampler": self.sampler.name}
 
     def _checked_queries(self, queries: list[list[int]]) -> list[list[int]]:
         """Plain int lists (a numpy row would turn `query + response` into addition), length-checked."""

@@ -5,19 +5,21 @@ Run: HF_HUB_OFFLINE=1 python -m pytest tests/test_rollout.py -q
 from __future__ import annotations
 
 import dataclasses
-
 import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessorList
+from transformers import (AutoTokenizer, BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel,
+                          LogitsProcessorList)
 
 from actors import Rollout, RolloutSettings, RolloutWorker
 from actors.rollout import (InverseCdfSampling, draw_lengths_and_seed, left_pad, sample_responses,
                             sampling_processors)
+from actors.sampling import CacheLoopSampler, GenerateSampler, cache_loop_unsupported
 from modelhost.loading import ModelLoadError
 
 OPENINGS = ["This movie was", "I", "The acting in this film is really", "Worst",
@@ -119,6 +121,142 @@ def test_sampling_loop_takes_the_tokens_generate_takes(eos_worker: RolloutWorker
     assert ended_early > 0 and len(set(map(len, responses))) > 2, "some rows must leave the batch early"
 
 
+def test_backends_draw_the_same_tokens_from_the_same_seed(eos_worker: RolloutWorker, queries, monkeypatch):
+    """Both backends draw one uniform number per row still sampling and step, in row order, so
+    from the same seed they give the same tokens and log-probs, also after rows have ended at
+    different steps (the loop drops them from the batch, generate keeps them)."""
+    assert eos_worker.sampler_name == "cache-loop"
+    by_loop = [eos_worker.generate(queries, step, 0) for step in range(3)]
+    monkeypatch.setattr(eos_worker, "sampler", GenerateSampler(eos_worker.model))
+    ends = set()
+    for step, expected in enumerate(by_loop):
+        out = eos_worker.generate(queries, step, 0)
+        assert out.responses == expected.responses
+        assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(out.logprobs, expected.logprobs))
+        ends |= {(len(r), r[-1] == eos_worker.eos_id) for r in out.responses}
+    assert {n for n, _ in ends} >= {1, 2, 3, 4} and (True in {e for _, e in ends}), "rows must end at many steps"
+
+
+def tiny_lm(vocab: int, seed: int) -> GPT2LMHeadModel:
+    """A 1-layer random GPT-2 with large initial weights, so its next-token distributions are far
+    from uniform and depend on the position."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=1, n_head=2, initializer_range=0.5,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def two_token_law(model: GPT2LMHeadModel, prompt: list[int], eos: int, temperature: float, top_k: int
+                  ) -> tuple[dict[tuple[int, ...], float], dict[tuple[int, ...], float]]:
+    """The exact law of a two-token response (EOS first ends it) to ``prompt`` alone, from the
+    logits divided by the temperature and cut to the top k; and the raw log-prob of each
+    response's last token given its prefix, the log-prob a backend must report."""
+    def step(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()  # (V,)
+        scores = logits / temperature
+        if top_k:
+            scores = scores.masked_fill(scores < scores.topk(top_k).values[-1], float("-inf"))
+        return torch.softmax(scores, -1), torch.log_softmax(logits, -1)
+
+    law, logp = {}, {}
+    first, first_logp = step(prompt)
+    for a in range(len(first)):
+        if a == eos:
+            law[(a,)], logp[(a,)] = float(first[a]), float(first_logp[a])
+            continue
+        second, second_logp = step(prompt + [a])
+        logp[(a,)] = float(first_logp[a])
+        for b in range(len(second)):
+            law[(a, b)], logp[(a, b)] = float(first[a] * second[b]), float(second_logp[b])
+    return law, logp
+
+
+def chi_square_and_bound(counts: dict, law: dict, n: int) -> tuple[float, float]:
+    """Pearson's statistic of ``counts`` (n draws) against ``law``, outcomes expected fewer than
+    5 times pooled, and its 1 - 1e-6 quantile (Wilson-Hilferty) under the law."""
+    expected = {k: n * p for k, p in law.items() if p > 0}
+    small = [k for k, e in expected.items() if e < 5]
+    bins = [([k], expected[k]) for k in expected if k not in small] + ([(small, sum(expected[k] for k in small))]
+                                                                       if small else [])
+    stat = sum((sum(counts.get(k, 0) for k in keys) - e) ** 2 / e for keys, e in bins)
+    df = len(bins) - 1
+    z = 4.753  # the standard normal's 1 - 1e-6 quantile
+    return stat, df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.6, 3)])
+def test_both_backends_sample_the_policy_distribution(temperature: float, top_k: int):
+    """Each backend, with its own seed, draws the first two response tokens of 6000 rows per
+    prompt (one prompt left-padded): the frequencies pass a chi-square test against the law
+    computed from unpadded forward passes with the sampling settings applied by hand, tokens
+    outside the top k are never drawn, and every log-prob is the raw policy's."""
+    vocab, eos, n = 8, 0, 6000
+    model = tiny_lm(vocab, seed=3)
+    prompts = [[3, 1, 4, 1], [5]]
+    laws = [two_token_law(model, p, eos, temperature, top_k) for p in prompts]
+    input_ids, mask = left_pad([p for p in prompts for _ in range(n)], pad_id=eos)
+    settings = make_settings("unused", temperature=temperature, top_k=top_k)
+    for seed, sampler in enumerate([CacheLoopSampler(model), GenerateSampler(model)]):
+        processors = sampling_processors(settings, torch.Generator().manual_seed(seed))
+        responses, logprobs = sampler.sample(input_ids, mask, [2] * len(input_ids), eos, processors)
+        for i, (law, logp) in enumerate(laws):
+            rows = range(i * n, (i + 1) * n)
+            drawn = [tuple(responses[r]) for r in rows]
+            assert all(law.get(d, 0.0) > 0 for d in drawn), f"{sampler.name}: a token of probability 0 was drawn"
+            for r, d in zip(rows, drawn):
+                assert np.allclose(logprobs[r], [logp[d[:t + 1]] for t in range(len(d))], atol=1e-5), sampler.name
+            counts: dict[tuple[int, ...], int] = {}
+            for d in drawn:
+                counts[d] = counts.get(d, 0) + 1
+            stat, bound = chi_square_and_bound(counts, law, n)
+            assert stat < bound, f"{sampler.name}, prompt {prompts[i]}: chi-square {stat:.1f} >= {bound:.1f}"
+
+
+@pytest.fixture(scope="module")
+def bloom_policy(tmp_path_factory, policy_dir: Path) -> Path:
+    """A tiny random BLOOM with the stand-in's tokenizer: ALiBi instead of position embeddings, so
+    its forward takes no ``position_ids`` and the KV-cache loop cannot drive it. Its EOS logit is
+    raised (as eos_prone_weights does) so that responses end early."""
+    folder = tmp_path_factory.mktemp("tiny-bloom")
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=16, n_layer=1, n_head=2,
+                                         bos_token_id=eos, eos_token_id=eos))
+    with torch.no_grad():
+        model.transformer.word_embeddings.weight[:, EOS_BOOST_DIM] = 0.0  # tied with the output embeddings
+        model.transformer.word_embeddings.weight[eos, EOS_BOOST_DIM] = 10.0
+        model.transformer.ln_f.weight[EOS_BOOST_DIM] = 0.0
+        model.transformer.ln_f.bias[EOS_BOOST_DIM] = 0.8
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_model_the_loop_cannot_drive_falls_back_to_generate(bloom_policy: Path, worker: RolloutWorker, queries):
+    assert cache_loop_unsupported(worker.model) is None and worker.ping()["sampler"] == "cache-loop"
+    w = RolloutWorker(make_settings(bloom_policy))
+    assert cache_loop_unsupported(w.model) == "its forward takes no position_ids"
+    assert w.sampler_name == "generate" and w.ping()["sampler"] == "generate"
+    eos, ended_early = w.eos_id, 0
+    for step in range(2):
+        out = w.generate(queries, step=step, shard=0)
+        drawn, _ = draw_lengths_and_seed(w.settings, step, 0, len(queries))
+        for query, response, logprobs, length in zip(out.queries, out.responses, out.logprobs, drawn):
+            assert 1 <= len(response) <= length and eos not in response[:-1]
+            assert len(response) == length or response[-1] == eos
+            ended_early += len(response) < length
+            with torch.no_grad():  # left padding must not shift ALiBi's positions either
+                logits = w.model(input_ids=torch.tensor([query + response])).logits[0].float()  # (Lq + Lr, V)
+            expected = torch.log_softmax(logits[len(query) - 1:-1], dim=-1).gather(
+                -1, torch.tensor(response)[:, None]).squeeze(-1)
+            assert np.allclose(logprobs, expected.numpy(), atol=1e-4)
+        assert out.texts == w.tokenizer.batch_decode([q + r for q, r in zip(queries, out.responses)],
+                                                     skip_special_tokens=True)
+    assert ended_early > 0
+
+
 def test_forced_eos_gives_eos_only_responses_not_query_tokens(policy_dir: Path, queries):
     """The notebook's [-gen_len:] cut returned query tokens when EOS came first; here it is [EOS]."""
     w = RolloutWorker(make_settings(policy_dir))
@@ -140,16 +278,31 @@ def test_same_seed_step_shard_gives_same_tokens(worker: RolloutWorker, queries, 
     assert worker.generate(queries, step=3, shard=2).responses != first.responses
 
 
-def test_model_generation_config_file_is_ignored(worker: RolloutWorker, queries, policy_dir: Path,
-                                                  tmp_path: Path):
-    """Settings in generation_config.json (penalties, min length, top-k) must not change sampling."""
+def test_generate_backend_ignores_the_model_generation_config_file(worker: RolloutWorker, queries, policy_dir: Path,
+                                                                  tmp_path: Path, monkeypatch):
+    """Settings in generation_config.json (penalties, min length, top-k) must not change what
+    ``generate`` samples: the rollout's sampling is RolloutSettings' alone."""
     folder = tmp_path / "policy"
     shutil.copytree(policy_dir, folder)
     config = json.loads((folder / "generation_config.json").read_text())
     config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, min_length=40, top_k=3, temperature=0.3)
     (folder / "generation_config.json").write_text(json.dumps(config))
     tampered = RolloutWorker(make_settings(folder))
+    monkeypatch.setattr(tampered, "sampler", GenerateSampler(tampered.model))
     assert tampered.generate(queries, 7, 0).responses == worker.generate(queries, 7, 0).responses
+    assert tampered.model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
+
+
+def test_sampling_settings_change_what_is_sampled(worker: RolloutWorker, queries, policy_dir: Path):
+    """top_k=1 is greedy decoding (for either backend); the recipe's settings are not."""
+    greedy_worker = RolloutWorker(make_settings(policy_dir, top_k=1))
+    lengths, _ = draw_lengths_and_seed(worker.settings, 7, 0, len(queries))
+    input_ids, mask = left_pad(queries, worker.eos_id)
+    greedy, _ = sample_responses(worker.model, input_ids, mask, lengths, worker.eos_id, LogitsProcessorList())
+    assert greedy_worker.generate(queries, 7, 0).responses == greedy
+    greedy_worker.sampler = GenerateSampler(greedy_worker.model)
+    assert greedy_worker.generate(queries, 7, 0).responses == greedy
+    assert worker.generate(queries, 7, 0).responses != greedy
 
 
 def test_logprobs_equal_unpadded_forward_pass(eos_worker: RolloutWorker, queries):
