@@ -520,10 +520,7 @@ def saved_settings(path: str | Path) -> dict[str, Any]:
 
 
 def _resumable_run_dir(path: str) -> Path:
-    try:
-        from learner.records.checkpoint import find_resumable
-    except ModuleNotFoundError:  # the module's place before learner/records/
-        from learner.checkpoint import find_resumable
+    from learner.records.checkpoint import find_resumable  # here: the records import this module
 
     run_dir, _, _ = find_resumable(Path(path))
     return run_dir
