@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, Sequence
+from typing import Callable, ClassVar, Protocol, Sequence
 
 import torch
 from transformers import (DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel,
@@ -67,30 +67,6 @@ class Sampler(Protocol):
         at its first EOS (kept). ``processors`` pick each token: their output must be topped by
         the drawn token only (``InverseCdfSampling`` last), since the pick is their argmax."""
         ...
-
-
-@dataclass(frozen=True)
-class CacheLoopSampler:
-    """The KV-cache loop (``sample_responses``); for models ``cache_loop_unsupported`` accepts."""
-
-    model: PreTrainedModel
-    name: ClassVar[str] = "cache-loop"
-
-    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: Sequence[int], eos_id: int,
-               processors: LogitsProcessorList) -> Responses:
-        return sample_responses(self.model, input_ids, attention_mask, lengths, eos_id, processors)
-
-
-@dataclass(frozen=True)
-class GenerateSampler:
-    """transformers' ``generate`` (``generate_responses``); for any causal LM."""
-
-    model: PreTrainedModel
-    name: ClassVar[str] = "generate"
-
-    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: Sequence[int], eos_id: int,
-               processors: LogitsProcessorList) -> Responses:
-        return generate_responses(self.model, input_ids, attention_mask, lengths, eos_id, processors)
 
 
 def cache_loop_unsupported(model: PreTrainedModel) -> str | None:
@@ -250,3 +226,30 @@ def generate_responses(model: PreTrainedModel, input_ids: torch.Tensor, attentio
         responses.append(row[:n])
         logprobs.append(row_logp[:n])
     return responses, logprobs
+
+
+@dataclass(frozen=True)
+class _ModelSampler:
+    """A backend: one of the sampling functions above, applied to the backend's own model."""
+
+    model: PreTrainedModel
+    name: ClassVar[str]
+    draw: ClassVar[Callable[..., Responses]]
+
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: Sequence[int], eos_id: int,
+               processors: LogitsProcessorList) -> Responses:
+        return self.draw(self.model, input_ids, attention_mask, lengths, eos_id, processors)
+
+
+class CacheLoopSampler(_ModelSampler):
+    """The KV-cache loop (``sample_responses``); for models ``cache_loop_unsupported`` accepts."""
+
+    name = "cache-loop"
+    draw = staticmethod(sample_responses)
+
+
+class GenerateSampler(_ModelSampler):
+    """transformers' ``generate`` (``generate_responses``); for any causal LM."""
+
+    name = "generate"
+    draw = staticmethod(generate_responses)
