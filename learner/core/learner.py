@@ -119,8 +119,7 @@ class PPOLearner:
             out = self._policy_forward(batch, with_entropy=True)
             return TokenOutputs(out.logp.detach(), out.values.detach(), None), out
         with torch.no_grad():
-            return forward(self.model.pretrained_model, batch, self.device, self.cfg.length_buckets, self.cfg.bf16,
-                           self.model.v_head), None
+            return self._policy_forward(batch, with_entropy=False), None
 
     # ------------------------------------------------------------------ the PPO step
 
