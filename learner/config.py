@@ -19,6 +19,7 @@ import difflib
 import io
 import logging
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -50,7 +51,27 @@ class ConfigError(ValueError):
 POSITIVE = (lambda v: v > 0, "must be > 0")
 NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 UNIT = (lambda v: 0 <= v <= 1, "must lie in [0, 1]")
-GPUS = (lambda v: v == -1 or 0 <= v, "must be >= 0, or -1 for the default placement")
+GPUS = (lambda v: v == -1 or 0 <= v <= 1024, "must be >= 0, or -1 for the default placement, and at most 1024")
+WEEK_S = 7 * 24 * 3600.0
+
+
+def between(low: float, high: float) -> tuple:
+    """A rule with an upper bound: past it a value exhausts memory or time, or overflows a timer."""
+    return (lambda v: low <= v <= high, f"must be >= {_num(low)} and <= {_num(high)}")
+
+
+def above_zero_at_most(high: float) -> tuple:
+    return (lambda v: 0 < v <= high, f"must be > 0 and <= {_num(high)}")
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+# A device: 'auto' or a torch device type, with an index where the type has several.
+DEVICE = re.compile(r"^(auto|cpu|mps|meta|(cuda|xpu|hpu|npu)(:\d+)?)$")
+# A Ray address: auto, local, host:port or ray://host:port (an IPv6 host in brackets).
+ADDRESS = re.compile(r"^(auto|local|(ray://)?([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5}))$")
 
 
 def check_ranges(section: str, obj: Any, rules: dict[str, tuple]) -> None:
@@ -79,7 +100,8 @@ class DataConfig:
     """see query_min_tokens"""
 
     def __post_init__(self) -> None:
-        check_ranges("data", self, {"min_review_chars": NON_NEGATIVE, "query_min_tokens": POSITIVE})
+        check_ranges("data", self, {"min_review_chars": between(0, 10**7), "query_min_tokens": POSITIVE,
+                                    "query_max_tokens": above_zero_at_most(4096)})
         if self.query_min_tokens > self.query_max_tokens:
             raise ConfigError(f"data.query_min_tokens ({self.query_min_tokens}) exceeds data.query_max_tokens "
                               f"({self.query_max_tokens})")
@@ -132,10 +154,11 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check_ranges("ppo", self, {
-            "learning_rate": POSITIVE, "batch_size": POSITIVE, "mini_batch_size": POSITIVE, "ppo_epochs": POSITIVE,
-            "gamma": UNIT, "lam": UNIT, "cliprange": POSITIVE, "cliprange_value": POSITIVE, "vf_coef": NON_NEGATIVE,
-            "ratio_threshold": POSITIVE, "init_kl_coef": NON_NEGATIVE, "target": POSITIVE, "horizon": POSITIVE,
-            "length_buckets": POSITIVE})
+            "learning_rate": POSITIVE, "batch_size": above_zero_at_most(10**6), "mini_batch_size": POSITIVE,
+            "ppo_epochs": above_zero_at_most(1000), "gamma": UNIT, "lam": UNIT, "cliprange": POSITIVE,
+            "cliprange_value": POSITIVE, "vf_coef": NON_NEGATIVE, "ratio_threshold": POSITIVE,
+            "init_kl_coef": NON_NEGATIVE, "target": POSITIVE, "horizon": POSITIVE,
+            "length_buckets": above_zero_at_most(1024)})
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
                               f"({self.mini_batch_size})")
@@ -185,10 +208,15 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check_ranges("cluster", self, {
-            "num_rollout_workers": POSITIVE, "num_reward_workers": POSITIVE, "rollout_gpus": GPUS,
-            "reward_gpus": GPUS, "learner_gpus": GPUS, "learner_cpus": NON_NEGATIVE, "learner_processes": POSITIVE,
-            "torch_threads": NON_NEGATIVE,
-            "placement_timeout_s": POSITIVE, "call_timeout_s": POSITIVE, "max_failures": NON_NEGATIVE})
+            "num_rollout_workers": above_zero_at_most(1024), "num_reward_workers": above_zero_at_most(1024),
+            "rollout_gpus": GPUS, "reward_gpus": GPUS, "learner_gpus": GPUS, "learner_cpus": between(0, 4096),
+            "learner_processes": above_zero_at_most(256), "torch_threads": between(0, 1024),
+            "placement_timeout_s": above_zero_at_most(WEEK_S), "call_timeout_s": above_zero_at_most(WEEK_S),
+            "max_failures": between(0, 1000)})
+        if self.address and not ADDRESS.match(self.address) or self.address.rsplit(":", 1)[-1].isdigit() and \
+                int(self.address.rsplit(":", 1)[-1]) > 65535:
+            raise ConfigError(f"cluster.address '{self.address}' is not a Ray address: pass auto, host:port or "
+                              "ray://host:port, or leave it empty to start Ray on this machine")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"cluster.placement_strategy '{self.placement_strategy}' must be one of PACK, SPREAD, "
                               "STRICT_PACK, STRICT_SPREAD")
@@ -216,8 +244,12 @@ class RunConfig:
     """where each step's statistics go, comma-separated: jsonl (always), tensorboard, wandb"""
 
     def __post_init__(self) -> None:
-        check_ranges("run", self, {"steps": NON_NEGATIVE, "checkpoint_every": NON_NEGATIVE,
-                                   "keep_checkpoints": POSITIVE, "report_queries": NON_NEGATIVE})
+        check_ranges("run", self, {"seed": between(0, 2**32 - 1), "steps": between(0, 10**7),
+                                   "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": above_zero_at_most(1000),
+                                   "report_queries": between(0, 10_000)})
+        if self.name and (self.name in (".", "..") or any(c in self.name for c in "/\\\0")):
+            raise ConfigError(f"run.name '{self.name}' must be a plain folder name inside run.out_dir "
+                              "(no '/', not '.' or '..')")
 
 
 def _actor_checks(section: str, settings: Any, actor_cls: type) -> None:
@@ -239,6 +271,10 @@ class RolloutSection(RolloutSettings):
 
     def __post_init__(self) -> None:
         _actor_checks("rollout", self, RolloutSettings)
+        check_ranges("rollout", self, {"response_max_tokens": above_zero_at_most(4096),
+                                       "top_k": between(0, 10**7)})
+        if not DEVICE.match(self.device):
+            raise ConfigError(f"rollout.device '{self.device}' is not a device: pass auto, cpu, cuda or cuda:N")
 
     def for_actor(self, seed: int, torch_threads: int) -> RolloutSettings:
         """The plain actor-side dataclass: actors never unpickle a learner type."""
@@ -492,17 +528,52 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A settings file as {dotted name: value}; ConfigError if it is missing or not a mapping."""
+class _SettingsLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses what a settings file never needs and a hostile one uses:
+    an alias of a mapping or list (it may refer to itself, or multiply into an exponential
+    tree once flattened) and a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and not isinstance(node, yaml.ScalarNode):
+                raise ConfigError(f"uses the alias *{event.anchor} of a mapping or list (line {event.start_mark.line + 1}); "
+                                  "write the settings out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class refuses an unhashable key in its own words
+            if key in seen:
+                raise ConfigError(f"holds the key '{key}' twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
+    """A settings file as {dotted name: value}; ConfigError if it is missing, not UTF-8, not
+    valid YAML, not a mapping, or uses what ``_SettingsLoader`` refuses."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: '{path}' does not exist")
+        raise ConfigError(f"{what}: '{path}' does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config: '{path}' is not valid YAML ({str(err).splitlines()[0]})") from err
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what}: '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{what}: '{path}' cannot be read ({err.strerror})") from None
+    try:
+        tree = yaml.load(text, Loader=_SettingsLoader) or {}
+    except ConfigError as err:
+        raise ConfigError(f"{what}: '{path}' {err}") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"{what}: '{path}' is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"--config: '{path}' must hold a mapping of sections")
+        raise ConfigError(f"{what}: '{path}' must hold a mapping of sections")
     return _flatten(tree)
 
 
@@ -511,7 +582,7 @@ def saved_settings(path: str | Path) -> dict[str, Any]:
     of another version) are dropped with a warning rather than refusing the whole run."""
     known = leaves(hidden=True)
     out = {}
-    for name, value in load_yaml(path).items():
+    for name, value in load_yaml(path, "--resume").items():
         if name in known:
             out[name] = value
         else:

@@ -13,8 +13,8 @@ A checkpoint is a folder ``checkpoints/step-000010`` (10 steps done) holding
 Nothing in a checkpoint is unpickled: a file that is not one of these names, a manifest that
 does not list every file needed, a missing file, a wrong checksum or an unreadable
 safetensors header makes the checkpoint unusable, said in one line, and the one before it is
-taken. A checkpoint is written under a temporary name, fsynced, then renamed: a crash
-mid-write leaves a ``.tmp-*`` folder that is never taken for a checkpoint.
+taken. A checkpoint is written under a temporary name of its writer's own, fsynced, then
+renamed: a crash mid-write leaves a ``.tmp-*`` folder that is never taken for a checkpoint.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,28 +50,38 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 # ----------------------------------------------------------------------------- files
 
-def write(run_dir: Path, step: int, files: dict[str, bytes], keep_last: int) -> Path:
-    """Write {name: bytes} as the checkpoint after ``step`` steps, atomically; prune old ones."""
+def write(run_dir: Path, step: int, files: dict[str, bytes], keep_last: int,
+          invariants: dict[str, Any] | None = None) -> Path:
+    """Write {name: bytes} as the checkpoint after ``step`` steps, atomically; prune old ones.
+
+    ``invariants`` (what a resume cannot change: models, data, batch shape, seed, actor counts)
+    go into the manifest, which resume compares with the settings asked for. The files go to a
+    temporary folder of this writer's own; a checkpoint of the same step is replaced only once
+    the new one is complete."""
     unknown = sorted(set(files) - set(REQUIRED) - set(OPTIONAL))
     if unknown or not set(REQUIRED) <= set(files):
         raise ValueError(f"checkpoint files {sorted(files)}: need {REQUIRED}, may add {OPTIONAL}")
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{PREFIX}{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     manifest = {}
     for name, data in files.items():
         _write_synced(tmp / name, data)
         manifest[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1).encode())
-    if final.exists():  # a rerun of the same step after a resume replaces the old copy
-        shutil.rmtree(final)
+    _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": manifest, "invariants": invariants or {}},
+                                             indent=1).encode())
+    old = None
+    if final.exists():  # a rerun of the same step after a resume: the old copy goes once the new one is whole
+        old = root / f".old-{tmp.name[len('.tmp-'):]}"
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
