@@ -368,7 +368,7 @@ ALIASES = {
 # the checkpoint holds (weights, Adam's moments, the data position, the sampling seeds).
 FROZEN_ON_RESUME = ("rollout.policy", "reward.model", "reward.positive_label", "data.dataset", "data.split",
                     "data.text_column", "data.min_review_chars", "data.query_min_tokens", "data.query_max_tokens",
-                    "ppo.batch_size", "ppo.mini_batch_size", "run.seed", "cluster.num_rollout_workers")
+                    "ppo.batch_size", "ppo.mini_batch_size", "ppo.max_lag", "run.seed", "cluster.num_rollout_workers")
 
 
 @dataclass
@@ -396,26 +396,22 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner
     its field's docstring; every error it or the checks find is one ConfigError line.
     """
     args = [_expand_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
-    resume = _flag_value(args, "run.resume")
-    run_dir = _resumable_run_dir(resume) if resume else None
-    saved = saved_settings(run_dir / "config.yaml") if run_dir else {}
-    base = dict(saved)
     config_file = _flag_value(args, "config")
-    if config_file:
-        settings = load_yaml(config_file)
-        offered = leaves()
-        for name in settings:  # what the driver sets itself is no more a YAML setting than a flag
-            if name not in offered:
-                raise _unknown(name, list(offered))
-        base.update(settings)
+    settings = _file_settings(config_file) if config_file else {}
+    # run.resume means the same in a YAML file as on the command line: one resume path.
+    resume = _flag_value(args, "run.resume") or settings.get("run.resume")
+    resumed = _resumable(str(resume)) if resume else None
+    saved = saved_settings(resumed[0] / "config.yaml") if resumed else {}
+    base = {**saved, **settings}
     default = CommandLine(config_file or "", from_overrides(base, validate=False))
     cli, unknown = _tyro(args, default, prog)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), list(leaves()) + list(ALIASES))
     cfg = cli.settings
-    if run_dir:
-        _check_resumable_changes(cfg, saved, run_dir)
+    if resumed:
+        given = {name for name in ("run.out_dir", "run.name") if _flag_value(args, name) is not None or name in settings}
+        _check_resumable_changes(cfg, saved, *resumed, given)
     return cfg.validate()
 
 
@@ -579,7 +575,8 @@ def load_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
 
 def saved_settings(path: str | Path) -> dict[str, Any]:
     """A run directory's config.yaml as overrides. Settings this version does not know (a run
-    of another version) are dropped with a warning rather than refusing the whole run."""
+    of another version) are dropped with a warning rather than refusing the whole run; a file
+    that lacks settings (truncated, edited) is refused: the defaults would replace them silently."""
     known = leaves(hidden=True)
     out = {}
     for name, value in load_yaml(path, "--resume").items():
@@ -587,25 +584,58 @@ def saved_settings(path: str | Path) -> dict[str, Any]:
             out[name] = value
         else:
             log.warning("%s: unknown setting '%s' ignored", path, name)
+    missing = [name for name in known if name not in out]
+    if missing:
+        raise ConfigError(f"--resume: {path} lacks {len(missing)} setting(s) ({missing[0]}, ...): it is truncated or "
+                          "edited; restore it or start a new run")
     return out
 
 
-def _resumable_run_dir(path: str) -> Path:
-    from learner.records.checkpoint import find_resumable  # here: the records import this module
+def _file_settings(config_file: str) -> dict[str, Any]:
+    """The YAML file's settings; a name the command line does not offer is refused (what the
+    driver sets itself is no more a YAML setting than a flag)."""
+    settings = load_yaml(config_file)
+    offered = leaves()
+    for name in settings:
+        if name not in offered:
+            raise _unknown(name, list(offered))
+    return settings
 
-    run_dir, _, _ = find_resumable(Path(path))
-    return run_dir
+
+def _resumable(path: str) -> tuple[Path, dict[str, Any]]:
+    """(run directory, the manifest of its newest usable checkpoint) for ``run.resume``."""
+    from learner.records.checkpoint import find_resumable, manifest  # here: the records import this module
+
+    run_dir, ckpt, _ = find_resumable(Path(path))
+    return run_dir, manifest(ckpt)
 
 
-def _check_resumable_changes(cfg: Config, saved: dict[str, Any], run_dir: Path) -> None:
-    """A resumed run continues in its own directory; what the checkpoint fixes (the saved run's
-    settings, not a YAML file given now) cannot change."""
+def _check_resumable_changes(cfg: Config, saved: dict[str, Any], run_dir: Path, manifest: dict[str, Any],
+                             given: set[str]) -> None:
+    """A resumed run continues in its own directory, no further back than its checkpoint, and
+    what the checkpoint fixes cannot change: neither by a flag or a YAML file given now, nor by
+    an edited config.yaml (the checkpoint's manifest records those settings as they were)."""
+    table = leaves(hidden=True)
+    fixed = manifest.get("invariants") or saved  # a checkpoint written before manifests held them: config.yaml
     for name in FROZEN_ON_RESUME:
-        if name in saved and get_path(cfg, name) != _coerce(name, leaves(hidden=True)[name][0], saved[name]):
-            raise ConfigError(f"{name} cannot change on --resume (the run has {saved[name]!r}, asked "
+        if name not in fixed:
+            raise ConfigError(f"--resume: the checkpoint of {run_dir} does not record {name}; its config.yaml or "
+                              "manifest is damaged: start a new run instead")
+        if get_path(cfg, name) != _coerce(name, table[name][0], fixed[name]):
+            raise ConfigError(f"{name} cannot change on --resume (the run has {fixed[name]!r}, asked "
                               f"{get_path(cfg, name)!r}); start a new run instead")
+    for name, want in (("run.out_dir", run_dir.parent), ("run.name", run_dir.name)):
+        value = get_path(cfg, name)
+        if name in given and (Path(value).expanduser().resolve() if name == "run.out_dir" else value) != want:
+            raise ConfigError(f"{name} cannot be given with --resume: the run continues in {run_dir}; leave "
+                              f"{name} out, or start a new run without --resume")
+    done = manifest["step"]
+    if 0 < cfg.run.steps < done:
+        raise ConfigError(f"run.steps ({cfg.run.steps}) is below the {done} steps the checkpoint has done; pass "
+                          f"--run.steps {done} or more")
     set_path(cfg, "run.out_dir", str(run_dir.parent))
     set_path(cfg, "run.name", run_dir.name)
+    set_path(cfg, "run.resume", str(run_dir))
 
 
 def from_overrides(overrides: dict[str, Any], validate: bool = True) -> Config:

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import torch
+
+INSTANCE = uuid.uuid4().hex
+"""This process's own id: a restarted actor is a new process with a new id, even where its pid
+is reused (a container, another node)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,9 +28,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def process_info(device: torch.device | str) -> dict:
-    """pid, Ray node id (None outside Ray) and device: what each actor's ``ping`` reports, for
-    the driver's start-up checks and the run directory's ``actors.json``."""
+    """pid, this process's id, Ray node id (None outside Ray) and device: what each actor's
+    ``ping`` reports, for the driver's restart checks and the run directory's ``actors.json``."""
     import ray  # here, not at the top: the plain classes also run without Ray
 
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    return {"pid": os.getpid(), "node_id": node_id, "device": str(device)}
+    return {"pid": os.getpid(), "instance": INSTANCE, "node_id": node_id, "device": str(device)}

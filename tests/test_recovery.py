@@ -79,7 +79,11 @@ def test_non_finite_values_stop_the_step(tiny_policy: Path):
 # ----------------------------------------------------------------------------- checkpoints hold no code
 
 def _checkpoint(run_dir: Path, step: int, extra: dict[str, bytes] | None = None) -> Path:
-    files = {"learner.safetensors": _safetensors(), "learner.json": b"{}", "driver.json": b'{"step": %d}' % step,
+    learner = {"kl_coef": 0.2, "numpy_rng": {}, "version": step, "aliases": {}, "optimizer_param_groups": [],
+               "optimizer_scalars": {}}
+    driver = {"step": step, "data": {"epoch": 0, "position": 0}, "seed": 0}
+    files = {"learner.safetensors": _safetensors(), "learner.json": json.dumps(learner).encode(),
+             "driver.json": json.dumps(driver).encode(),
              "stats.jsonl": b"", "rollouts.jsonl": b"", **(extra or {})}
     return checkpoint.write(run_dir, step, {k: v for k, v in files.items() if k in checkpoint.REQUIRED
                                             or k in checkpoint.OPTIONAL}, keep_last=5)
@@ -204,8 +208,18 @@ class TaskFailed(Exception):
         self.cause = cause
 
 
+class Unreachable(Died):
+    """Stands for Ray's ActorUnavailableError: the actor may come back, the same process."""
+
+
 class FakeCalls:
-    lost, timeout = (Died,), TimeoutError
+    lost, unavailable, timeout = (Died,), (Unreachable,), TimeoutError
+
+    def __init__(self) -> None:
+        self.killed = []
+
+    def kill(self, handle):
+        self.killed.append(handle)
 
     def get(self, refs, timeout_s):
         return [r() for r in refs] if isinstance(refs, list) else refs()

@@ -25,7 +25,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 from actors.rollout import Rollout
 from learner.records import checkpoint
 from learner.orchestration.weights import Broadcast, Sent, verify
-from learner.config import Config, ConfigError
+from learner.config import FROZEN_ON_RESUME, Config, ConfigError, get_path
 from learner.orchestration.data import DataState, PromptStream, load_texts
 from learner.core.models import load_pretrained, load_tokenizer
 from learner.orchestration.recovery import LearnerLost, RayCalls, Recovery, RunError
@@ -128,18 +128,30 @@ class Driver:
         verify(rollouts, sent)
         return queries, rollouts
 
-    def replace_learner(self, reason: str) -> int:
-        """A new learner in the lost one's bundle, at the newest good checkpoint; the step to redo from."""
-        t0 = time.perf_counter()
-        self.recovery.replace_learner(reason)
-        ckpt, notes = checkpoint.newest_good(self.run.path)
-        for note in notes:
-            log.warning("%s", note)
-        step = self.restore(ckpt)
+    def replace_learner(self, reason: str, ckpt: Path | None = None) -> int:
+        """A new learner in the lost one's bundle, at ``ckpt`` (default: the newest good
+        checkpoint); the step to redo from. A learner lost again while it starts or loads the
+        checkpoint is replaced in turn, each death counted against cluster.max_failures."""
+        t0, fixed = time.perf_counter(), ckpt
+        while True:
+            try:
+                self.recovery.replace_learner(reason)
+                if fixed is None:
+                    ckpt, notes = checkpoint.newest_good(self.run.path)
+                    for note in notes:
+                        log.warning("%s", note)
+                step = self.restore(ckpt)
+                break
+            except LearnerLost as err:
+                reason = f"{err}, while replacing a learner lost earlier"
         self._record_actors()
         log.warning("the learner died (%s); a new learner continues from %s (redoing from step %d), ready in %.1fs",
                     reason, ckpt.name if ckpt else "the start", step + 1, time.perf_counter() - t0)
         return step
+
+    def invariants(self) -> dict[str, Any]:
+        """What a resume of this run cannot change, as the checkpoint's manifest records it."""
+        return {name: get_path(self.cfg, name) for name in FROZEN_ON_RESUME}
 
     # ---------------------------------------------------------------- files
 
@@ -147,14 +159,15 @@ class Driver:
         """The checkpoint after ``steps_done`` steps; ``before_step``: as the current step started
         (a stopped step: the learner's state is still the state before it)."""
         data, prefetched = self.step_start if before_step else self._position()
-        files = self.recovery.learner_call(self.fleet.learner.state_bytes.remote(), "learner state")
+        files = self.recovery.learner_call(self.fleet.learner.state_bytes.remote(), "learner state",
+                                           again=lambda: self.fleet.learner.state_bytes.remote())
         driver = {"step": steps_done, "data": vars(data), "seed": self.cfg.run.seed}
         files["driver.json"] = json.dumps(driver).encode()
         if prefetched is not None:
             queries, rollouts = prefetched
             files["prefetch.json"] = json.dumps({"queries": queries, "rollouts": [asdict(r) for r in rollouts]}).encode()
         files.update(self.run.log_bytes())
-        return checkpoint.write(self.run.path, steps_done, files, self.cfg.run.keep_checkpoints)
+        return checkpoint.write(self.run.path, steps_done, files, self.cfg.run.keep_checkpoints, self.invariants())
 
     def restore(self, ckpt: Path | None) -> int:
         """Learner, data position, prefetched batch and logs as at ``ckpt`` (None: the start of the
@@ -169,13 +182,15 @@ class Driver:
             batch = json.loads(batch) if batch else None
             self.prefetched = (batch["queries"], [Rollout(**r) for r in batch["rollouts"]]) if batch else None
             learner_files = {k: files[k] for k in (checkpoint.LEARNER_TENSORS, checkpoint.LEARNER_META)}
-            self.recovery.learner_call(self.fleet.learner.load_state_bytes.remote(learner_files), "restoring the learner")
+            self.recovery.learner_call(self.fleet.learner.load_state_bytes.remote(learner_files), "restoring the learner",
+                                       again=lambda: self.fleet.learner.load_state_bytes.remote(learner_files))
             self.run.restore_logs(ckpt)
         self.stream.load_state(DataState(**vars(data)))
         return step
 
     def save_policy(self) -> Path:
-        files = self.recovery.learner_call(self.fleet.learner.export_policy.remote(), "exporting the policy")
+        files = self.recovery.learner_call(self.fleet.learner.export_policy.remote(), "exporting the policy",
+                                           again=lambda: self.fleet.learner.export_policy.remote())
         folder = self.run.path / "policy"
         folder.mkdir(exist_ok=True)
         for name, data in files.items():
@@ -221,28 +236,57 @@ def _step_line(stats: dict[str, Any], step: int, steps: int, eta: float) -> str:
             f"eta {_fmt_eta(eta)}")
 
 
-def run_steps(driver: Driver, cfg: Config, start: int, steps: int) -> None:
-    """The steps, a checkpoint every run.checkpoint_every and at the end; a lost learner is
-    replaced and the steps since the newest good checkpoint redone."""
-    t_start, done, last_ckpt, step = time.perf_counter(), 0, start, start
-    while step < steps:
+@dataclass
+class Progress:
+    """Where the loop stands: the next step, the steps of the newest checkpoint, steps timed."""
+
+    step: int
+    last_ckpt: int
+    timed: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+
+def run_steps(driver: Driver, cfg: Config, start: int, steps: int) -> Path:
+    """The steps, a checkpoint every run.checkpoint_every and at the end, then the tuned policy.
+    A learner lost anywhere here (a step, a checkpoint, the export) is replaced and the steps
+    since the newest good checkpoint redone; returns the policy's folder."""
+    at = Progress(start, start)
+    while True:
         try:
-            stats = driver.train_step(step, steps)
-            done += 1
-            print(_step_line(stats, step, steps, (time.perf_counter() - t_start) / done * (steps - step - 1)),
-                  flush=True)
-            step += 1
-            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                driver.save_checkpoint(step)
-                last_ckpt = step
+            _steps(driver, cfg, at, steps)
+            if at.last_ckpt != steps:
+                driver.save_checkpoint(steps)
+                at.last_ckpt = steps
+            return driver.save_policy()
         except LearnerLost as err:
-            step = last_ckpt = driver.replace_learner(str(err))
+            at.step = at.last_ckpt = driver.replace_learner(str(err))
+
+
+def _steps(driver: Driver, cfg: Config, at: Progress, steps: int) -> None:
+    """The steps from ``at.step`` on; a non-finite value stops the run, its state saved where it can be."""
+    while at.step < steps:
+        try:
+            stats = driver.train_step(at.step, steps)
         except NonFiniteError as err:
-            where = (f"saved the last good state as {driver.save_checkpoint(step, before_step=True)}" if err.intact
-                     else f"the last good checkpoint is step {last_ckpt}")
-            raise RunError(f"{err.what} at step {step + 1}; {where}") from None
-    if last_ckpt != steps:
-        driver.save_checkpoint(steps)
+            raise RunError(f"{err.what} at step {at.step + 1}; {_saved_after(driver, err, at)}") from None
+        at.timed += 1
+        eta = (time.perf_counter() - at.t_start) / at.timed * (steps - at.step - 1)
+        print(_step_line(stats, at.step, steps, eta), flush=True)
+        at.step += 1
+        if cfg.run.checkpoint_every and at.step % cfg.run.checkpoint_every == 0:
+            driver.save_checkpoint(at.step)
+            at.last_ckpt = at.step
+
+
+def _saved_after(driver: Driver, err: NonFiniteError, at: Progress) -> str:
+    """Where a stopped run can be resumed from: the state before the step, saved now when it is
+    intact and the learner answers, else the newest checkpoint."""
+    if err.intact:
+        try:
+            return f"saved the last good state as {driver.save_checkpoint(at.step, before_step=True)}"
+        except LearnerLost as lost:
+            return f"the learner died saving the state before it ({lost}); the last good checkpoint is step {at.last_ckpt}"
+    return f"the last good checkpoint is step {at.last_ckpt}"
 
 
 def train(cfg: Config) -> Path:
@@ -263,6 +307,10 @@ def train(cfg: Config) -> Path:
     stream = PromptStream(load_texts(cfg.data.dataset, cfg.data.split, cfg.data.text_column), tokenizer,
                           cfg.data, cfg.ppo.batch_size, cfg.run.seed)
     steps = cfg.run.steps or stream.steps_per_epoch
+    done = checkpoint.manifest(resume_from)["step"] if resume_from else 0
+    if steps < done:
+        raise ConfigError(f"run.steps ({steps}, one pass over the data) is below the {done} steps the checkpoint "
+                          f"has done; pass --run.steps {done} or more")
     run = RunDir(cfg)
 
     # 2. Ray, resources, actors
@@ -273,14 +321,16 @@ def train(cfg: Config) -> Path:
         for name, where in driver.plan.items():
             print(f"plan: {name:<10} on {where['node']}  {where['gpus']:g} GPU  {where['cpus']:g} CPU  "
                   f"({where['device']})", flush=True)
-        # 3. resume
+        # 3. resume (a learner lost while it loads the checkpoint is replaced, at that checkpoint)
         start = 0
         if resume_from is not None:
-            start = driver.restore(resume_from)
+            try:
+                start = driver.restore(resume_from)
+            except LearnerLost as err:
+                start = driver.replace_learner(str(err), resume_from)
             print(f"resumed from {resume_from} at step {start + 1}", flush=True)
         # 4. the steps, 5. the last checkpoint and the tuned policy
-        run_steps(driver, cfg, start, steps)
-        print(f"tuned policy saved to {driver.save_policy()}", flush=True)
+        print(f"tuned policy saved to {run_steps(driver, cfg, start, steps)}", flush=True)
     finally:
         ray.shutdown()
         run.close()  # trackers: flush TensorBoard, finish the W&B run

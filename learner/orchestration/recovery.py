@@ -11,8 +11,15 @@ it answers, and each one that answers from a new process died once, however many
 death failed (one reward actor serves every rollout actor's shard). ``cluster.max_failures``
 is the budget of deaths.
 
-Handles need only ``handle.<method>.remote(...)`` and a ``ping`` method returning ``{"pid"}``;
-waiting goes through :class:`Calls`, so the unit tests drive this with fake handles and no Ray.
+A restart is told by identity, not by pid: every actor's ``ping`` reports ``instance``, an id
+its process made when it started (a pid can be reused by a restarted actor in a container or
+on another node). Ray's ``ActorUnavailableError`` (temporarily unreachable) is waited for, not
+counted as a death; a learner call it failed is made again once the learner answers, when
+the call may be repeated. A replaced learner's old actor is killed, in case it still runs.
+
+Handles need only ``handle.<method>.remote(...)`` and a ``ping`` method returning
+``{"instance"}`` (or ``{"pid"}``); waiting goes through :class:`Calls`, so the unit tests drive
+this with fake handles and no Ray.
 """
 from __future__ import annotations
 
@@ -41,11 +48,14 @@ class Calls(Protocol):
     """How remote results are waited for (Ray in a run, fakes in the tests)."""
 
     lost: tuple[type[BaseException], ...]  # errors that mean "the actor is gone"
+    unavailable: tuple[type[BaseException], ...]  # those of them that may pass: the actor is unreachable
     timeout: type[BaseException]  # what ``get`` raises when time runs out
 
     def get(self, refs: Any, timeout_s: float) -> Any: ...
 
     def wait_one(self, refs: list[Any], timeout_s: float) -> Any | None: ...
+
+    def kill(self, handle: Any) -> None: ...
 
 
 class RayCalls:
@@ -54,7 +64,14 @@ class RayCalls:
 
         self.ray = ray
         self.lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        self.unavailable = (ray.exceptions.ActorUnavailableError,)
         self.timeout = ray.exceptions.GetTimeoutError
+
+    def kill(self, handle: Any) -> None:
+        try:
+            self.ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone, or never started: nothing to kill
+            pass
 
     def get(self, refs: Any, timeout_s: float) -> Any:
         return self.ray.get(refs, timeout=timeout_s)
@@ -100,12 +117,22 @@ class Recovery:
         except self.calls.timeout:
             raise RunError(f"{what} did not finish within cluster.call_timeout_s={self.timeout_s:g}s") from None
 
-    def learner_call(self, refs: Any, what: str) -> Any:
-        """``get`` for calls on the learner: its loss is LearnerLost."""
+    def learner_call(self, refs: Any, what: str, again: Callable[[], Any] | None = None) -> Any:
+        """``get`` for calls on the learner: its loss is LearnerLost. A call that may be repeated
+        (``again`` makes it anew) and failed because the learner was unreachable is made again
+        once the same learner answers; a step, which may have happened, is not repeated."""
         try:
             return self.get(refs, what)
         except self.calls.lost as err:
+            if again is not None and isinstance(err, self.unavailable):
+                ping = self._until_alive(self.fleet.learner, "the learner", restarts=False)
+                if identity(ping) == identity(self.pings.get("learner", {})):
+                    return self.learner_call(again(), what)
             raise LearnerLost(one_line(err)) from None
+
+    @property
+    def unavailable(self) -> tuple[type[BaseException], ...]:
+        return getattr(self.calls, "unavailable", ())
 
     def gather(self, calls: dict[int, Callable[[], Any]], what: str, resend: Callable[[list[int]], None]) -> list:
         """One call per rollout actor, results in index order. A call failed by a lost actor (the
@@ -145,7 +172,7 @@ class Recovery:
         for name, actor in self.fleet.named().items():
             if name != "learner":
                 ping = self._until_alive(actor, name)
-                if ping["pid"] != self.pings.get(name, {}).get("pid"):
+                if identity(ping) != identity(self.pings.get(name, {})):
                     restarted.append(name)
                     self.pings[name] = ping
         self._spend(restarted, what, err)
@@ -155,10 +182,13 @@ class Recovery:
         return restarted
 
     def replace_learner(self, reason: str) -> Any:
-        """A new learner actor (in the dead one's bundle), once it answers."""
+        """A new learner actor (in the dead one's bundle), once it answers; the old one is killed
+        first (an unreachable learner may still run and hold the bundle). LearnerLost if the new
+        one dies before it answers."""
         self._spend(["learner"], "the learner", reason)
+        self.calls.kill(self.fleet.learner)
         self.fleet.learner = self.start_learner()
-        self.pings["learner"] = self._until_alive(self.fleet.learner, "the new learner")
+        self.pings["learner"] = self._until_alive(self.fleet.learner, "the new learner", restarts=False)
         return self.fleet.learner
 
     def _spend(self, dead: list[str], what: str, err: BaseException | str) -> None:
@@ -168,15 +198,23 @@ class Recovery:
             raise RunError(f"{what} failed: {', '.join(dead)} died ({why}); {self.deaths} actor deaths exceed "
                            f"cluster.max_failures={self.max_failures}")
 
-    def _until_alive(self, actor: Any, name: str) -> dict:
-        """The ping of ``actor`` once it answers (Ray may be restarting it), bounded."""
+    def _until_alive(self, actor: Any, name: str, restarts: bool = True) -> dict:
+        """The ping of ``actor`` once it answers, bounded. An unreachable actor is waited for; a
+        dead one too where Ray restarts it (``restarts``), else (the learner) it is LearnerLost."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
                 return self.calls.get(actor.ping.remote(), max(1.0, deadline - time.monotonic()))
-            except self.calls.lost:
+            except self.calls.lost as err:
+                if not restarts and not isinstance(err, self.unavailable):
+                    raise LearnerLost(one_line(err)) from None
                 if time.monotonic() > deadline:
                     raise RunError(f"{name} did not come back within cluster.call_timeout_s") from None
                 time.sleep(self.poll_s)
             except self.calls.timeout:
                 raise RunError(f"{name} did not come back within cluster.call_timeout_s") from None
+
+
+def identity(ping: dict) -> Any:
+    """Which process answered a ping: the id it made at start-up (its pid where it reports none)."""
+    return ping.get("instance", ping.get("pid"))

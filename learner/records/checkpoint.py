@@ -85,6 +85,11 @@ def write(run_dir: Path, step: int, files: dict[str, bytes], keep_last: int,
     return final
 
 
+def manifest(ckpt: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint that ``verify`` passed: step, files, invariants."""
+    return json.loads((ckpt / MANIFEST).read_text())
+
+
 def read(ckpt: Path) -> dict[str, bytes]:
     """The files of a checkpoint that ``verify`` passed, by name."""
     names = json.loads((ckpt / MANIFEST).read_text())["files"]
@@ -134,7 +139,8 @@ def _manifest_files(ckpt: Path) -> dict[str, Any] | str:
 
 
 def verify(ckpt: Path) -> str | None:
-    """None if the checkpoint is complete, intact and holds only data, else why not (one line)."""
+    """None if the checkpoint is complete, intact, holds only data and each JSON file has the
+    fields the driver and learner read, else why not (one line)."""
     files = _manifest_files(ckpt)
     if isinstance(files, str):
         return files
@@ -147,6 +153,55 @@ def verify(ckpt: Path) -> str | None:
             return f"{name} does not match its checksum"
         if not _readable(name, file, data):
             return f"{name} is not valid {'safetensors' if name.endswith('.safetensors') else 'JSON'}"
+        problem = _schema_problem(name, json.loads(data)) if name in SCHEMAS else None
+        if name == "prefetch.json" and not problem:
+            problem = _rollouts_problem(json.loads(data)["rollouts"])
+        if problem:
+            return f"{name} {problem}"
+    step = json.loads((ckpt / "driver.json").read_bytes())["step"]
+    if ckpt.name != f"{PREFIX}{step:06d}":
+        return f"driver.json says {step} steps, the folder's name another"
+    return None
+
+
+_INT, _LIST, _DICT = (int,), (list,), (dict,)
+# The fields each JSON file of a checkpoint must hold (more are allowed), and their types.
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "driver.json": {"step": _INT, "data": {"epoch": _INT, "position": _INT}, "seed": _INT},
+    LEARNER_META: {"kl_coef": (int, float), "numpy_rng": _DICT, "version": _INT, "aliases": _DICT,
+                   "optimizer_param_groups": _LIST, "optimizer_scalars": _DICT},
+    "prefetch.json": {"queries": _LIST, "rollouts": _LIST},
+}
+
+
+def _rollouts_problem(rollouts: list) -> str | None:
+    from dataclasses import fields
+
+    from actors.rollout import Rollout
+
+    want = {f.name for f in fields(Rollout)}
+    for i, r in enumerate(rollouts):
+        if not isinstance(r, dict) or set(r) != want:
+            return f"has rollouts[{i}] without the fields of a Rollout"
+    return None
+
+
+def _schema_problem(name: str, value: Any, schema: dict[str, Any] | None = None, where: str = "") -> str | None:
+    """Why ``value`` does not fit the file's schema (a missing field, a wrong type), or None."""
+    schema = SCHEMAS[name] if schema is None else schema
+    if not isinstance(value, dict):
+        return f"holds {type(value).__name__} where {where or 'the file'} must be an object"
+    for key, want in schema.items():
+        field = f"{where}{key}"
+        if key not in value:
+            return f"lacks the field '{field}'"
+        if isinstance(want, dict):
+            problem = _schema_problem(name, value[key], want, field + ".")
+            if problem:
+                return problem
+        elif not isinstance(value[key], want) or isinstance(value[key], bool) or \
+                want is _INT and value[key] < 0:
+            return f"has '{field}' = {str(value[key])[:40]!r}, not a {'non-negative int' if want is _INT else want[0].__name__}"
     return None
 
 
