@@ -65,3 +65,61 @@ def load_model_and_tokenizer(cls: Any, name_or_path: str, what: str
 
     model = load_pretrained(cls, name_or_path, what, dtype=torch.float32)
     return model, load_pretrained(AutoTokenizer, name_or_path, f"{what}'s tokenizer")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_weights(name_or_path: str, what: str) -> None:
+    """A local model folder holds weights that can be loaded: a weight file exists, a sharded
+    index names files that exist, and every safetensors file's header parses and fits the file.
+    Cheap (headers only), so a broken folder fails before any process starts. A hub id is left
+    to the hub."""
+    import json
+
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    found = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
+    if not found:
+        raise ModelLoadError(f"{what} '{name_or_path}' has no weights ({' or '.join(WEIGHT_FILES[::2])}): "
+                             "pass a complete save_pretrained folder")
+    files = set(found)
+    for index in (f for f in found if f.name.endswith(".index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{what} '{name_or_path}': {index.name} is not a valid weight index") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ModelLoadError(f"{what} '{name_or_path}': {index.name} names {missing[0]}, which is missing")
+        files |= {folder / s for s in shards}
+    for file in sorted(f for f in files if f.suffix == ".safetensors"):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ModelLoadError(f"{what} '{name_or_path}': {file.name} is not a valid safetensors file ({problem}); "
+                                 "save the model again")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be loaded, from its header alone (None if it can)."""
+    import json
+    import struct
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "shorter than its header"
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            return "its header's length exceeds the file"
+        try:
+            header = json.loads(f.read(n))
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "its header is not valid"
+    if max(ends, default=0) > size - 8 - n:
+        return "its tensors extend past the end of the file: it is truncated"
+    return None

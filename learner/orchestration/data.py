@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
@@ -29,7 +30,11 @@ def load_texts(dataset: str, split: str, text_column: str = "text") -> list[str]
             found = sorted(p.name for p in path.glob("*.parquet"))
             raise ConfigError(f"data.dataset: no '{split}.parquet' in {path} (found: {', '.join(found) or 'none'}); "
                               "set data.split or point data.dataset at a folder of <split>.parquet files")
-        table = pq.read_table(file)
+        try:
+            table = pq.read_table(file)
+        except (pa.ArrowException, OSError) as err:
+            raise ConfigError(f"data.dataset: {file} is not a readable parquet file ({str(err).splitlines()[0][:160]}); "
+                              "write it again") from None
         columns = table.column_names
         texts = table.column(text_column).to_pylist() if text_column in columns else None
     else:

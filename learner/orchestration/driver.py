@@ -37,6 +37,7 @@ from learner.orchestration.weights import Broadcast, Sent, verify
 from learner.config import FROZEN_ON_RESUME, Config, ConfigError, get_path
 from learner.orchestration.data import DataState, PromptStream, load_texts
 from learner.core.models import load_pretrained, load_tokenizer
+from modelhost.loading import check_weights
 from learner.orchestration.recovery import LearnerLost, RayCalls, Recovery, RunError
 from learner.records.rundir import RunDir
 from learner.core.learner import NonFiniteError
@@ -58,6 +59,12 @@ def check_models(cfg: Config) -> None:
     from transformers import AutoConfig
 
     policy = load_pretrained(AutoConfig, cfg.policy, "rollout.policy")
+    heads = [a for a in policy.architectures or [] if not a.endswith(("LMHeadModel", "ForCausalLM"))]
+    if heads and len(heads) == len(policy.architectures):
+        raise ConfigError(f"rollout.policy: '{cfg.policy}' is a {heads[0]}, not a causal language model; pass a "
+                          "policy such as a GPT-2 save_pretrained folder")
+    check_weights(cfg.policy, "rollout.policy")
+    check_weights(cfg.reward.model, "reward.model")
     context = getattr(policy, "n_positions", None) or getattr(policy, "max_position_embeddings", None)
     longest = cfg.data.query_max_tokens + cfg.rollout.response_max_tokens
     if context and longest > context:
