@@ -287,3 +287,52 @@ def test_bad_input_is_one_line(case, args, message, code, tmp_path, no_positive_
     assert rc == code, err[-2000:]
     assert len(errors) == 1 and message in errors[0], err[-2000:]
     assert "Traceback" not in err
+
+
+def _chaos_schedule(seed: int, steps: int) -> list[tuple[int, float, str]]:
+    """(after which step line, seconds after it, actor to SIGKILL): kills at two random steps,
+    one of them followed by a second kill while the first is still being recovered from."""
+    import random
+
+    rng = random.Random(seed)
+    actors = ["learner", "rollout-0", "rewards-0"]
+    at = sorted(rng.sample(range(1, steps), 2))
+    plan = [(step, round(rng.uniform(0.0, 1.5), 2), rng.choice(actors)) for step in at]
+    first = plan[0]
+    plan.insert(1, (first[0], first[1] + round(rng.uniform(0.5, 2.5), 2), rng.choice([a for a in actors if a != first[2]])))
+    return plan
+
+
+@pytest.mark.timeout(900)
+def test_chaos_random_kills_end_with_the_uninterrupted_statistics(small_run: DriverRun, tmp_path: Path):
+    """SIGKILLs of randomly chosen actors (learner, rollout, reward) at random moments, one while
+    the run is recovering from the one before, in a run that checkpoints every step: it ends
+    with the statistics of the uninterrupted run. CHAOS_SEED=N replays a schedule."""
+    import random
+
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(10**6)))
+    plan = _chaos_schedule(seed, 4)
+    print(f"chaos seed {seed}, kills (after step line, delay s, actor): {plan}", flush=True)
+    args = [*REF, "--run.checkpoint_every", "1", "--cluster.max_failures", "6"]
+    proc = _start(args, tmp_path, "chaos")
+    out, killed = "", []
+    try:
+        for step, delay, who in plan:
+            if f"step {step}/4" not in out:
+                out += _read_until(proc, f"step {step}/4", timeout=600)
+            time.sleep(delay)
+            pid = json.loads((tmp_path / "chaos" / "actors.json").read_text())[who]["pid"]
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append((who, pid))
+            except ProcessLookupError:  # a stale pid: the actor was already replaced
+                pass
+        rest, _ = proc.communicate(timeout=600)
+        out += rest
+    finally:
+        proc.kill()
+    print(f"killed {killed}", flush=True)
+    assert proc.returncode == 0, f"seed {seed}, plan {plan}:\n{out[-3000:]}"
+    stats = DriverRun(tmp_path / "chaos", 0, out).stats()
+    _same_statistics(stats, small_run.stats())
+    assert stats[-1]["failures"] <= 6 and "Traceback" not in out, out[-3000:]

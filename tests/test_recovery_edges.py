@@ -96,6 +96,7 @@ def _driver(tmp_path: Path, learners: list[FakeLearner], max_failures: int = 3) 
     calls = FakeCalls()
     queue = iter(learners[1:])
     driver.cfg, driver.run, driver.stream, driver.plan, driver.prefetched = cfg, RunDir(cfg), FakeStream(), {}, None
+    driver.recorded_deaths = 0
     driver.recovery = Recovery(Fleet(learners[0], [], []), calls, timeout_s=5, max_failures=max_failures,
                                start_learner=lambda: next(queue), poll_s=0)
     driver.recovery.start()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,6 +119,8 @@ class Driver:
         stats = self.recovery.learner_call(update, "PPO step")
         stats.update(step_stats(step, rollouts, sent, (t0, t1, t2, time.perf_counter()), self.cfg.ppo.batch_size))
         stats["failures"] = self.recovery.deaths
+        if self.recovery.deaths != self.recorded_deaths:  # restarted actors: actors.json names their new processes
+            self._record_actors()
         def decode(ids: list[int]) -> str:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -209,8 +212,11 @@ class Driver:
 
     def _record_actors(self) -> None:
         """actors.json: where each actor runs (pid, node, device, GPU share), for users and the failure tests."""
+        self.recorded_deaths = self.recovery.deaths
         actors = {name: {**self.plan.get(name, {}), **ping} for name, ping in self.recovery.pings.items()}
-        (self.run.path / "actors.json").write_text(json.dumps(actors, indent=1))
+        tmp = self.run.path / f".actors.json.{os.getpid()}"
+        tmp.write_text(json.dumps(actors, indent=1))
+        os.replace(tmp, self.run.path / "actors.json")  # a reader never sees half a file
 
 
 def step_stats(step: int, rollouts: list[Rollout], sent: Sent, times: tuple[float, float, float, float],
