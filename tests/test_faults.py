@@ -290,17 +290,17 @@ def test_bad_input_is_one_line(case, args, message, code, tmp_path, no_positive_
 
 
 def _chaos_schedule(seed: int, steps: int) -> list[tuple[int, float, str]]:
-    """(after which step line, seconds after it, actor to SIGKILL): kills at two random steps,
-    one of them followed by a second kill while the first is still being recovered from."""
+    """(after which step line, seconds after it, actor to SIGKILL): the learner, a rollout actor
+    and the reward actor, in a random order, at random moments of two random steps; the second
+    kill lands while the run is still recovering from the first."""
     import random
 
     rng = random.Random(seed)
-    actors = ["learner", "rollout-0", "rewards-0"]
+    who = rng.sample(["learner", "rollout-0", "rewards-0"], 3)
     at = sorted(rng.sample(range(1, steps), 2))
-    plan = [(step, round(rng.uniform(0.0, 1.5), 2), rng.choice(actors)) for step in at]
-    first = plan[0]
-    plan.insert(1, (first[0], first[1] + round(rng.uniform(0.5, 2.5), 2), rng.choice([a for a in actors if a != first[2]])))
-    return plan
+    first = round(rng.uniform(0.0, 1.5), 2)
+    return [(at[0], first, who[0]), (at[0], round(first + rng.uniform(0.5, 2.5), 2), who[1]),
+            (at[1], round(rng.uniform(0.0, 1.5), 2), who[2])]
 
 
 @pytest.mark.timeout(900)
