@@ -401,7 +401,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m learner
     # run.resume means the same in a YAML file as on the command line: one resume path.
     resume = _flag_value(args, "run.resume") or settings.get("run.resume")
     resumed = _resumable(str(resume)) if resume else None
-    saved = saved_settings(resumed[0] / "config.yaml") if resumed else {}
+    saved = _resumed_settings(resumed[0] / "config.yaml") if resumed else {}
     base = {**saved, **settings}
     default = CommandLine(config_file or "", from_overrides(base, validate=False))
     cli, unknown = _tyro(args, default, prog)
@@ -573,22 +573,28 @@ def load_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
     return _flatten(tree)
 
 
-def saved_settings(path: str | Path) -> dict[str, Any]:
+def saved_settings(path: str | Path, what: str = "--config") -> dict[str, Any]:
     """A run directory's config.yaml as overrides. Settings this version does not know (a run
-    of another version) are dropped with a warning rather than refusing the whole run; a file
-    that lacks settings (truncated, edited) is refused: the defaults would replace them silently."""
+    of another version) are dropped with a warning rather than refusing the whole run."""
     known = leaves(hidden=True)
     out = {}
-    for name, value in load_yaml(path, "--resume").items():
+    for name, value in load_yaml(path, what).items():
         if name in known:
             out[name] = value
         else:
             log.warning("%s: unknown setting '%s' ignored", path, name)
-    missing = [name for name in known if name not in out]
+    return out
+
+
+def _resumed_settings(path: Path) -> dict[str, Any]:
+    """The resumed run's config.yaml, whole: one that lacks settings (truncated, edited) is
+    refused, as the defaults would silently replace them."""
+    saved = saved_settings(path, "--resume")
+    missing = [name for name in leaves(hidden=True) if name not in saved]
     if missing:
         raise ConfigError(f"--resume: {path} lacks {len(missing)} setting(s) ({missing[0]}, ...): it is truncated or "
                           "edited; restore it or start a new run")
-    return out
+    return saved
 
 
 def _file_settings(config_file: str) -> dict[str, Any]:

@@ -199,3 +199,54 @@ def test_an_unreachable_rollout_actor_is_waited_for_not_counted():
     resent = []
     assert rec.gather(_rollout_calls(fleet), "rollout", resent.append)[0] == "rollout-0:rollout()"
     assert rec.deaths == 0 and resent == [[]]
+
+
+class FakeRollout:
+    """A rollout actor handle: holds a weight version; Ray restarting it (``restart``) gives a
+    new process that holds the weights it loaded from disk (version 0)."""
+
+    def __init__(self) -> None:
+        self.instance, self.version, self.loads = uuid.uuid4().hex, 0, 0
+
+    def restart(self) -> None:
+        self.instance, self.version = uuid.uuid4().hex, 0
+
+    def __getattr__(self, method: str):
+        actor = self
+
+        class Method:
+            def remote(self, *args):
+                return lambda: actor.answer(method, args)
+        return Method()
+
+    def answer(self, method: str, args):
+        from types import SimpleNamespace
+
+        if method == "ping":
+            return {"pid": 7, "instance": self.instance}
+        if method == "load_weights":
+            self.version, self.loads = args[1], self.loads + 1
+            return self.version
+        return SimpleNamespace(weight_version=self.version, weight_fingerprint=[float(self.version)])
+
+
+def test_a_rollout_actor_restarted_between_calls_gets_the_weights_before_its_shard_counts():
+    """Ray restarted rollout-1 after it loaded this step's weights and before its rollout call:
+    no call failed, yet its new process is seen (its id), given the weights, and its shard redone."""
+    from learner.orchestration.weights import Broadcast, Sent
+
+    rollouts = [FakeRollout(), FakeRollout()]
+    calls = FakeCalls()
+    recovery = Recovery(Fleet(FakeLearner("learner"), rollouts, []), calls, timeout_s=5, max_failures=3,
+                        start_learner=lambda: None, poll_s=0)
+    recovery.start()
+    driver = Driver.__new__(Driver)
+    driver.cfg, driver.fleet, driver.recovery, driver.shards = Config(), recovery.fleet, recovery, [(0, 1), (1, 2)]
+    driver.weights = Broadcast(recovery.fleet, recovery)
+    sent = driver.weights.last = Sent(3, "weights", [3.0])
+    for r in rollouts:
+        r.version = 3
+    rollouts[1].restart()
+    _, got = driver.rollout([[1], [2]], 0, sent)
+    assert [r.weight_version for r in got] == [3, 3]
+    assert recovery.deaths == 1 and rollouts[1].loads == 1 and rollouts[0].loads == 0

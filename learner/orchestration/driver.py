@@ -135,6 +135,13 @@ class Driver:
         calls = {i: (lambda i=i, a=a, b=b: self.fleet.rollouts[i].rollout.remote(queries[a:b], step, i, timeout))
                  for i, (a, b) in enumerate(self.shards)}
         rollouts = self.recovery.gather(calls, "rollout", self.weights.resend)
+        stale = [i for i, r in enumerate(rollouts) if r.weight_version != sent.version]
+        if stale:  # restarted between two calls, so no call failed: told by the process id it reports
+            restarted = self.recovery.count_deaths(RuntimeError("restarted between calls"), "rollout")
+            redo = [i for i in stale if f"rollout-{i}" in restarted]
+            self.weights.resend(redo)
+            again = self.recovery.gather({i: calls[i] for i in redo}, "rollout", self.weights.resend)
+            rollouts = [again[redo.index(i)] if i in redo else r for i, r in enumerate(rollouts)]
         verify(rollouts, sent)
         return queries, rollouts
 
