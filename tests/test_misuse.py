@@ -310,3 +310,22 @@ def test_checkpoints_use_their_own_temporary_folders_and_replace_only_when_compl
     assert other.is_dir() and (other / "learner.json").read_text() == "half"  # untouched
     assert checkpoint.verify(first) is None and checkpoint.manifest(first)["invariants"] == {"run.seed": 0}
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step-000002-999-deadbeef", "step-000002"]
+
+
+def test_a_hostile_settings_file_is_one_line_as_a_user_runs_it(tmp_path: Path):
+    """The real command in its own process: a YAML alias bomb (which expanded before: 1.25 GB in
+    20 s) is one line and exit 2 at once, not a hang or a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")))
+    proc = subprocess.run([sys.executable, "-m", "learner.main", "--config", str(bomb), "--out-dir", str(tmp_path)],
+                          cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+    assert re.match(r"error: --config: '.*bomb.yaml' uses the alias \*a of a mapping or list", proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.yaml"]
