@@ -329,3 +329,15 @@ def test_a_hostile_settings_file_is_one_line_as_a_user_runs_it(tmp_path: Path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
     assert re.match(r"error: --config: '.*bomb.yaml' uses the alias \*a of a mapping or list", proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.yaml"]
+
+
+def test_a_writer_stopped_mid_write_leaves_nothing_the_next_driver_keeps(tmp_path: Path, dataset: Path):
+    """A crash between moving the old copy of a step aside and naming the new one: the next
+    driver (holding the lock) puts the old copy back; a half-written folder is dropped."""
+    run_dir = make_run(tmp_path, "r", dataset, step=2)
+    root = checkpoint.checkpoint_dir(run_dir)
+    (root / "step-000002").rename(root / ".old-step-000002-123-cafebabe")
+    (root / ".tmp-step-000003-123-cafebabe").mkdir()
+    checkpoint.tidy(run_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+    assert checkpoint.verify(root / "step-000002") is None

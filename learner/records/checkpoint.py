@@ -85,6 +85,21 @@ def write(run_dir: Path, step: int, files: dict[str, bytes], keep_last: int,
     return final
 
 
+def tidy(run_dir: Path) -> None:
+    """Leftovers of a writer that stopped mid-write, removed by the driver holding the run
+    directory's lock (no other writer can be at work): a ``.tmp-*`` folder is dropped; an
+    ``.old-*`` copy whose replacement never got its name is put back."""
+    root = checkpoint_dir(run_dir)
+    for leftover in sorted(root.glob(".old-*")) if root.is_dir() else []:
+        final = root / leftover.name[len(".old-"):].rsplit("-", 2)[0]
+        if not final.exists():
+            os.replace(leftover, final)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(".tmp-*") if root.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def manifest(ckpt: Path) -> dict[str, Any]:
     """The manifest of a checkpoint that ``verify`` passed: step, files, invariants."""
     return json.loads((ckpt / MANIFEST).read_text())

@@ -17,7 +17,7 @@ from typing import IO, Any
 import yaml
 
 from learner.config import Config, ConfigError
-from learner.records.checkpoint import LOGS, ROLLOUTS, STATS
+from learner.records.checkpoint import LOGS, ROLLOUTS, STATS, tidy
 from learner.records.trackers import check_trackers, open_trackers
 
 LOCK = ".lock"
@@ -80,6 +80,7 @@ class RunDir:
         if not cfg.run.resume and holds_a_run(self.path):
             self.lock.close()
             raise _taken(self.path)
+        tidy(self.path)
         config = cfg.to_dict()
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self.stats_file = self.path / STATS
