@@ -8,12 +8,13 @@ A checkpoint is a folder ``checkpoints/step-000010`` (10 steps done) holding
 - ``prefetch.json`` (``ppo.max_lag=1`` only): the batch generated during the last update and
   not yet trained on, so a resumed run trains on the very same samples;
 - ``stats.jsonl`` and ``rollouts.jsonl``: the logs so far;
-- written last, ``MANIFEST.json``: every file above with its size and SHA-256.
+- written last, ``MANIFEST.json``: every file above with its size and SHA-256, and the run's
+  invariants (the settings a resume cannot change: ``config.FROZEN_ON_RESUME``).
 
 Nothing in a checkpoint is unpickled: a file that is not one of these names, a manifest that
-does not list every file needed, a missing file, a wrong checksum or an unreadable
-safetensors header makes the checkpoint unusable, said in one line, and the one before it is
-taken. A checkpoint is written under a temporary name of its writer's own, fsynced, then
+does not list every file needed, a missing file, a wrong checksum, an unreadable
+safetensors header or a JSON file without the fields (and types) its reader needs makes the
+checkpoint unusable, said in one line, and the one before it is taken. A checkpoint is written under a temporary name of its writer's own, fsynced, then
 renamed: a crash mid-write leaves a ``.tmp-*`` folder that is never taken for a checkpoint.
 """
 from __future__ import annotations
