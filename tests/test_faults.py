@@ -297,10 +297,10 @@ def _chaos_schedule(seed: int, steps: int) -> list[tuple[int, float, str]]:
 
     rng = random.Random(seed)
     who = rng.sample(["learner", "rollout-0", "rewards-0"], 3)
-    at = sorted(rng.sample(range(1, steps), 2))
+    at = sorted(rng.sample(range(1, steps + 1), 2))  # after the last step line: the final checkpoint, the export
     first = round(rng.uniform(0.0, 1.5), 2)
-    return [(at[0], first, who[0]), (at[0], round(first + rng.uniform(0.5, 2.5), 2), who[1]),
-            (at[1], round(rng.uniform(0.0, 1.5), 2), who[2])]
+    last = round(rng.uniform(0.0, 0.4 if at[1] == steps else 1.5), 2)  # the end is short: hit it
+    return [(at[0], first, who[0]), (at[0], round(first + rng.uniform(0.5, 2.5), 2), who[1]), (at[1], last, who[2])]
 
 
 @pytest.mark.timeout(900)
@@ -331,7 +331,8 @@ def test_chaos_random_kills_end_with_the_uninterrupted_statistics(small_run: Dri
         out += rest
     finally:
         proc.kill()
-    print(f"killed {killed}", flush=True)
+    print(f"killed {killed}; the driver said:", *[line for line in out.splitlines() if "died" in line], sep="\n  ",
+          flush=True)
     assert proc.returncode == 0, f"seed {seed}, plan {plan}:\n{out[-3000:]}"
     stats = DriverRun(tmp_path / "chaos", 0, out).stats()
     _same_statistics(stats, small_run.stats())
