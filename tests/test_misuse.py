@@ -341,3 +341,27 @@ def test_a_writer_stopped_mid_write_leaves_nothing_the_next_driver_keeps(tmp_pat
     checkpoint.tidy(run_dir)
     assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
     assert checkpoint.verify(root / "step-000002") is None
+
+
+def test_a_second_driver_process_is_refused_while_the_first_holds_the_run(tmp_path: Path, dataset: Path):
+    """The lock holds across processes: while this process holds a run directory, the real
+    command on the same directory stops with one line naming the holder."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    lock = lock_run_dir(tmp_path / "shared")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "learner.main", "--policy", str(POLICY_DIR), "--reward-model",
+                               str(REWARD_DIR), "--dataset", str(dataset), "--batch-size", "8",
+                               "--ppo.mini_batch_size", "8", "--out-dir", str(tmp_path), "--run.name", "shared"],
+                              cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        lock.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.fullmatch(rf"error: run directory '.*shared' is in use by another driver \(pid {os.getpid()}\); wait "
+                        r"for it to end or pass another --run.name", proc.stderr.strip()), proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".lock"]
