@@ -365,3 +365,23 @@ def test_a_second_driver_process_is_refused_while_the_first_holds_the_run(tmp_pa
     assert re.fullmatch(rf"error: run directory '.*shared' is in use by another driver \(pid {os.getpid()}\); wait "
                         r"for it to end or pass another --run.name", proc.stderr.strip()), proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("driver, problem", [
+    ({"step": 3, "data": {"epoch": 0, "position": 0, "extra": 1}, "seed": 0}, "has the unexpected field 'data.extra'"),
+    ({"step": 3, "data": {"epoch": 0, "position": -8}, "seed": 0}, "has 'data.position' = '-8', not a non-negative int"),
+    ({"step": "3", "data": {"epoch": 0, "position": 0}, "seed": 0}, "has 'step' = '3', not a non-negative int"),
+    ({"step": 4, "data": {"epoch": 0, "position": 0}, "seed": 0}, "driver.json says 4 steps, the folder's name another"),
+    ([1, 2], "holds list where the file must be an object"),
+])
+def test_a_checkpoint_whose_json_does_not_fit_its_reader_is_unusable(tmp_path: Path, dataset: Path, driver, problem):
+    import hashlib
+
+    run_dir = make_run(tmp_path, "r", dataset, step=3)
+    ckpt = checkpoint.list_checkpoints(run_dir)[-1]
+    data = json.dumps(driver).encode()
+    (ckpt / "driver.json").write_bytes(data)
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    manifest["files"]["driver.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert checkpoint.verify(ckpt).endswith(problem)

@@ -207,6 +207,9 @@ def _schema_problem(name: str, value: Any, schema: dict[str, Any] | None = None,
     schema = SCHEMAS[name] if schema is None else schema
     if not isinstance(value, dict):
         return f"holds {type(value).__name__} where {where or 'the file'} must be an object"
+    extra = sorted(set(value) - set(schema)) if where else []  # a nested object is built from exactly its fields
+    if extra:
+        return f"has the unexpected field '{where}{extra[0]}'"
     for key, want in schema.items():
         field = f"{where}{key}"
         if key not in value:
