@@ -80,12 +80,16 @@ class RunDir:
         if not cfg.run.resume and holds_a_run(self.path):
             self.lock.close()
             raise _taken(self.path)
-        tidy(self.path)
-        config = cfg.to_dict()
-        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        self.stats_file = self.path / STATS
-        self.rollouts_file = self.path / ROLLOUTS
-        self.trackers = open_trackers(trackers, self.path, self.path.name, config)
+        try:
+            tidy(self.path)
+            config = cfg.to_dict()
+            (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            self.stats_file = self.path / STATS
+            self.rollouts_file = self.path / ROLLOUTS
+            self.trackers = open_trackers(trackers, self.path, self.path.name, config)
+        except BaseException:
+            self.lock.close()  # a driver that did not start holds nothing
+            raise
 
     def log_step(self, stats: dict[str, Any], rollouts: dict[str, Any]) -> None:
         with self.stats_file.open("a") as f:
