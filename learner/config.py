@@ -84,27 +84,58 @@ def check_ranges(section: str, obj: Any, rules: dict[str, tuple]) -> None:
             raise ConfigError(f"{section}.{name} ({value}) {must}")
 
 
+# A single data file, by its suffix: the `datasets` builder that reads it.
+DATA_FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+PROMPT_MODES = ("opening", "whole")
+
+
 @dataclass
 class DataConfig:
     dataset: str = "stanfordnlp/imdb"
-    """hub dataset name, or a local folder of parquet files named <split>.parquet"""
+    """hub dataset name, a local folder of parquet files named <split>.parquet, or one .jsonl, .csv or .parquet
+    file (a single file is every split: data.split and data.eval_split then read it, unless they name a file)"""
     split: str = "train"
-    """which split gives the training prompts"""
+    """which split gives the training prompts (or a .jsonl/.csv/.parquet file of its own)"""
     text_column: str = "text"
-    """the column holding the review text"""
-    min_review_chars: int = 200
-    """reviews this long or shorter are dropped (the recipe keeps 24,895 of 25,000)"""
+    """the column holding the text (a review in the recipe)"""
+    prompt_mode: str = "opening"
+    """opening: a prompt is the first k policy tokens of a text, k uniform in [query_min_tokens,
+    query_max_tokens] (the recipe); whole: the whole text is the prompt, cut from the left to its last
+    query_max_tokens tokens"""
+    chat_template: bool = False
+    """wrap each prompt in the policy tokenizer's chat template (the text as the user's message, then the
+    assistant's turn opened); a tokenizer without one is an error"""
+    min_review_chars: int = -1
+    """texts this long or shorter are left out; -1: 200 in opening mode (the recipe keeps 24,895 of 25,000
+    reviews), 0 in whole mode (every non-empty text)"""
     query_min_tokens: int = 2
-    """a query is the first k policy tokens of a review, k uniform in [min, max], drawn once per review"""
+    """a query is the first k policy tokens of a review, k uniform in [min, max], drawn once per review
+    (opening mode; whole mode ignores it)"""
     query_max_tokens: int = 7
-    """see query_min_tokens"""
+    """see query_min_tokens; in whole mode the longest prompt, chat template included"""
+    eval_split: str = "test"
+    """the held-out split (or .jsonl/.csv/.parquet file) that run.eval_every scores"""
+    eval_prompts: int = 256
+    """held-out prompts scored by run.eval_every, the same ones every time (drawn with run.seed); fewer if the
+    split holds fewer"""
 
     def __post_init__(self) -> None:
-        check_ranges("data", self, {"min_review_chars": between(0, 10**7), "query_min_tokens": POSITIVE,
-                                    "query_max_tokens": above_zero_at_most(4096)})
+        check_ranges("data", self, {"min_review_chars": (lambda v: -1 <= v <= 10**7, "must be >= 0 and <= 10000000, "
+                                                         "or -1 for the prompt mode's default"),
+                                    "query_min_tokens": POSITIVE, "query_max_tokens": above_zero_at_most(4096),
+                                    "eval_prompts": above_zero_at_most(10**6)})
         if self.query_min_tokens > self.query_max_tokens:
             raise ConfigError(f"data.query_min_tokens ({self.query_min_tokens}) exceeds data.query_max_tokens "
                               f"({self.query_max_tokens})")
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ConfigError(f"data.prompt_mode '{self.prompt_mode}' must be one of {', '.join(PROMPT_MODES)}")
+
+    @property
+    def min_chars(self) -> int:
+        """min_review_chars with -1 resolved for the prompt mode."""
+        if self.min_review_chars >= 0:
+            return self.min_review_chars
+        return 200 if self.prompt_mode == "opening" else 0
 
 
 @dataclass
@@ -335,13 +366,24 @@ class Config:
 def _check_local(name: str, value: str) -> None:
     if looks_local(value) and not Path(value).expanduser().exists():
         raise ConfigError(f"{name}: '{value}' does not exist; pass an existing local folder or a hub id")
+    path = Path(value).expanduser()
+    if name == "data.dataset" and path.is_file() and path.suffix.lower() not in DATA_FILE_KINDS:
+        raise ConfigError(f"data.dataset: '{value}' is not a .jsonl, .csv or .parquet file; pass one of those, a "
+                          "folder of <split>.parquet files or a hub dataset")
+
+
+def is_data_file(value: str) -> bool:
+    """Whether a dataset or split names one local data file (by its suffix)."""
+    return Path(value).suffix.lower() in DATA_FILE_KINDS and Path(value).expanduser().is_file()
 
 
 def resolve_local_paths(cfg: Config) -> Config:
     """Make local model and data paths absolute: ``ray job submit`` runs the driver in a
     copied working directory, and actors on other nodes have another one."""
-    for name in ("rollout.policy", "reward.model", "data.dataset", "run.out_dir"):
+    for name in ("rollout.policy", "reward.model", "data.dataset", "data.split", "data.eval_split", "run.out_dir"):
         value = get_path(cfg, name)
+        if name.endswith("split") and not is_data_file(value):
+            continue
         if name == "run.out_dir" or looks_local(value):
             set_path(cfg, name, str(Path(value).expanduser().resolve()))
     return cfg
@@ -367,7 +409,8 @@ ALIASES = {
 # What a resumed run cannot change: the models, the data stream and the batch shape fix what
 # the checkpoint holds (weights, Adam's moments, the data position, the sampling seeds).
 FROZEN_ON_RESUME = ("rollout.policy", "reward.model", "reward.positive_label", "data.dataset", "data.split",
-                    "data.text_column", "data.min_review_chars", "data.query_min_tokens", "data.query_max_tokens",
+                    "data.text_column", "data.prompt_mode", "data.chat_template", "data.min_review_chars",
+                    "data.query_min_tokens", "data.query_max_tokens",
                     "ppo.batch_size", "ppo.mini_batch_size", "ppo.max_lag", "run.seed", "cluster.num_rollout_workers")
 
 

@@ -197,24 +197,23 @@ def plot_rewards(run_dir: Path, out: Path | None = None, title: str | None = Non
 # ----------------------------------------------------------------------------- before / after
 
 def held_out_queries(cfg: "Config", tokenizer: Any, n: int, seed: int) -> tuple[list[list[int]], list[int]]:
-    """n fixed TEST-split queries as token ids, and the index of each one's review.
+    """n fixed held-out queries (data.eval_split, the test split by default) as token ids, and the
+    index of each one's text.
 
-    The training recipe (learner.orchestration.data): reviews longer than data.min_review_chars characters,
-    query = their first k policy tokens, k uniform in [query_min_tokens, query_max_tokens].
-    Reviews (without replacement) and k come from numpy's default_rng(seed).
+    Made as in training (learner.orchestration.data): texts longer than data.min_review_chars
+    characters, queries as data.prompt_mode and data.chat_template say (the recipe: the first k
+    policy tokens, k uniform in [query_min_tokens, query_max_tokens]). Texts (without
+    replacement) and k come from numpy's default_rng(seed).
     """
-    from learner.orchestration.data import first_tokens, load_texts, review_indices
+    from learner.orchestration.data import Prompts, held_out_prompts, load_texts
 
     d = cfg.data
-    texts = load_texts(d.dataset, "test", d.text_column)
-    keep = review_indices(texts, d.min_review_chars)
-    if len(keep) < n:
-        raise ReportError(f"the test split has {len(keep)} reviews longer than {d.min_review_chars} characters, "
+    texts = load_texts(d.dataset, d.eval_split, d.text_column)
+    queries, picked = held_out_prompts(texts, Prompts(tokenizer, d), n, seed)
+    if len(queries) < n:
+        raise ReportError(f"the held-out split has {len(queries)} texts longer than {d.min_chars} characters, "
                           f"fewer than --queries {n}")
-    rng = np.random.default_rng(seed)
-    picked = [keep[i] for i in rng.choice(len(keep), size=n, replace=False)]
-    lengths = [int(k) for k in rng.integers(d.query_min_tokens, d.query_max_tokens + 1, size=n)]
-    return first_tokens(tokenizer, [texts[i] for i in picked], lengths), picked
+    return queries, picked
 
 
 def _threads(torch_threads: int | None) -> int:
