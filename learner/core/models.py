@@ -55,6 +55,9 @@ class PolicyWithValueHead(nn.Module):
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The policy's tokenizer with pad = EOS, as in the recipe."""
     tok = load_pretrained(AutoTokenizer, name_or_path, "policy tokenizer")
+    if tok.eos_token is None:  # EOS ends responses and pads batches
+        raise ModelLoadError(f"policy tokenizer '{name_or_path}' has no EOS token: set eos_token in its "
+                             "tokenizer_config.json")
     tok.pad_token = tok.eos_token
     return tok
 
