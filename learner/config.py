@@ -273,11 +273,14 @@ class RunConfig:
     """held-out queries in the before/after table made at the end (0: no figure or table)"""
     trackers: str = "jsonl"
     """where each step's statistics go, comma-separated: jsonl (always), tensorboard, wandb"""
+    eval_every: int = 0
+    """score the fixed held-out prompts (data.eval_split, data.eval_prompts) with the weights after steps
+    0, N, 2N, ... and log eval/reward_mean in that step's statistics (0: never)"""
 
     def __post_init__(self) -> None:
         check_ranges("run", self, {"seed": between(0, 2**32 - 1), "steps": between(0, 10**7),
                                    "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": above_zero_at_most(1000),
-                                   "report_queries": between(0, 10_000)})
+                                   "report_queries": between(0, 10_000), "eval_every": NON_NEGATIVE})
         if self.name and (self.name in (".", "..") or any(c in self.name for c in "/\\\0")):
             raise ConfigError(f"run.name '{self.name}' must be a plain folder name inside run.out_dir "
                               "(no '/', not '.' or '..')")
@@ -355,6 +358,9 @@ class Config:
         if c.num_rollout_workers > p.batch_size:
             raise ConfigError(f"cluster.num_rollout_workers ({c.num_rollout_workers}) exceeds ppo.batch_size "
                               f"({p.batch_size}): each rollout actor needs at least one query per step")
+        if self.run.eval_every and self.data.eval_prompts < c.num_rollout_workers:
+            raise ConfigError(f"data.eval_prompts ({self.data.eval_prompts}) is fewer than cluster.num_rollout_workers "
+                              f"({c.num_rollout_workers}): each rollout actor needs at least one prompt to score")
         for name in ("rollout.policy", "reward.model", "data.dataset"):
             _check_local(name, get_path(self, name))
         return self

@@ -127,6 +127,11 @@ def prometheus(tmp_path_factory):
     server.stop()
 
 
+# The quick run scores 64 held-out prompts with the weights after steps 0 and 5 (eval/reward_mean);
+# a run compared with it step for step takes the same flags.
+QUICK_EVAL = ["--run.eval_every", "5", "--data.eval_prompts", "64"]
+
+
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory, shared_dir, prometheus) -> DriverRun:
     """The stand-in quick config with 2 rollout actors, run once for every test that reads it.
@@ -147,7 +152,7 @@ def quick_run(tmp_path_factory, shared_dir, prometheus) -> DriverRun:
     (ray_tmp / "auth_token").write_text(token)
     (ray_tmp / "auth_token").chmod(0o600)
     trackers = "jsonl,tensorboard" + (",wandb" if importlib.util.find_spec("wandb") else "")
-    cmd = [sys.executable, "-m", "learner.main", "--config", "configs/stand-in-quick.yaml",
+    cmd = [sys.executable, "-m", "learner.main", "--config", "configs/stand-in-quick.yaml", *QUICK_EVAL,
            "--cluster.num_rollout_workers", "2", "--out-dir", str(out), "--run.name", "quick",
            "--run.trackers", trackers]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp),
@@ -168,7 +173,8 @@ def quick_run(tmp_path_factory, shared_dir, prometheus) -> DriverRun:
                 dashboard_url = line.split()[2]
                 prometheus.start(ray_tmp / "ray")
             if not metrics and line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 2:
-                metrics = scrape_ray_metrics(ray_tmp, want=("ray_ppo_reward_mean", "ray_ppo_reward_batch_size"),
+                metrics = scrape_ray_metrics(ray_tmp, want=("ray_ppo_reward_mean", "ray_ppo_reward_batch_size",
+                                                             "ray_ppo_eval_reward_mean"),
                                              timeout=60)
                 dashboard = dashboard_checks(dashboard_url, token)
                 if not prometheus.error:  # Ray's 10 s scrape interval, on a busy machine

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, DriverRun, run_driver
+from conftest import QUICK_EVAL, REPO, DriverRun, run_driver
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +71,7 @@ def _kill_at(args: list[str], out_dir: Path, name: str, marker: str, who: str) -
 def test_killed_driver_resumes_with_identical_statistics(quick_run: DriverRun, tmp_path: Path):
     """SIGKILL the driver (and with it the learner actor) after step 5, resume, and compare
     every resumed step with the uninterrupted run of the same seed."""
-    _kill_at(["--config", "configs/stand-in-quick.yaml", "--cluster.num_rollout_workers", "2",
+    _kill_at(["--config", "configs/stand-in-quick.yaml", *QUICK_EVAL, "--cluster.num_rollout_workers", "2",
               "--run.checkpoint_every", "2"], tmp_path, "killed", "step 5/10", "driver")
     # What the checkpoint fixes cannot change on resume: one line, exit 2, the run untouched.
     refused = run_driver(["--resume", str(tmp_path / "killed"), "--seed", "5"], tmp_path, "killed")
@@ -81,7 +81,8 @@ def test_killed_driver_resumes_with_identical_statistics(quick_run: DriverRun, t
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "resumed from" in resumed.output and "at step 5" in resumed.output  # checkpoint after step 4
     assert [s["step"] for s in resumed.stats()] == list(range(10))
-    _same_statistics(resumed.stats()[4:], quick_run.stats()[4:])
+    _same_statistics(resumed.stats()[4:], quick_run.stats()[4:])  # eval/reward_mean of step 6 too
+    assert "eval/reward_mean" in resumed.stats()[5]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from actors.rollout import Rollout
 from learner.records import checkpoint
 from learner.orchestration.weights import Broadcast, Sent, verify
 from learner.config import FROZEN_ON_RESUME, Config, ConfigError, get_path
-from learner.orchestration.data import DataState, PromptStream, load_texts
+from learner.orchestration.data import DataState, PromptStream, held_out_prompts, load_texts
 from learner.core.models import load_pretrained, load_tokenizer
 from modelhost.loading import check_weights
 from learner.orchestration.recovery import LearnerLost, RayCalls, Recovery, RunError
@@ -46,6 +46,9 @@ from learner.core.learner import NonFiniteError
 log = logging.getLogger("learner.orchestration.driver")
 
 Batch = tuple[list[list[int]], list[Rollout]]  # a step's queries and its shards' rollouts
+# The step number the held-out prompts are sampled under: rollout actors seed their draws from
+# (run.seed, step, shard), so every evaluation draws alike and only the weights differ.
+EVAL_STEP = 2**31 - 1
 
 
 def shard_bounds(batch_size: int, n: int) -> list[tuple[int, int]]:
@@ -84,11 +87,13 @@ def check_models(cfg: Config, longest_query: int) -> None:
 class Driver:
     """The training loop over the actors. Each step: broadcast, rollout, update, log."""
 
-    def __init__(self, cfg: Config, run: RunDir, stream: PromptStream, tokenizer) -> None:
+    def __init__(self, cfg: Config, run: RunDir, stream: PromptStream, tokenizer,
+                 eval_queries: list[list[int]] | None = None) -> None:
         from learner.orchestration import placement
         from learner.records.metrics import RunMetrics
 
         self.cfg, self.run, self.stream, self.tokenizer = cfg, run, stream, tokenizer
+        self.eval_queries = eval_queries  # run.eval_every: the fixed held-out prompts
         roles = placement.resolve_roles(cfg)
         pg = placement.reserve(cfg, roles)
         self.fleet = placement.spawn(cfg, roles, pg)
@@ -99,7 +104,6 @@ class Driver:
         self.plan = placement.describe(cfg, roles, self.recovery.pings)
         self._record_actors()
         self.weights = Broadcast(self.fleet, self.recovery)
-        self.shards = shard_bounds(cfg.ppo.batch_size, len(self.fleet.rollouts))
         self.metrics = RunMetrics(run.path.name)
         self.prefetched: Batch | None = None  # ppo.max_lag=1: the next step's batch, generated during the update
         self.first = self.step_start = self._position()
@@ -110,6 +114,9 @@ class Driver:
         t0 = time.perf_counter()
         sent = self.weights.send()
         t1 = time.perf_counter()
+        evaluation = self.evaluate(sent) if self.eval_queries and step % self.cfg.run.eval_every == 0 else {}
+        # The step's own clock leaves the evaluation out, so its times and throughput compare across steps.
+        t0, t1 = t0 + evaluation.get("time/eval", 0.0), t1 + evaluation.get("time/eval", 0.0)
         queries, rollouts = self.prefetched or self.rollout(self.stream.next_batch(), step, sent)
         self.prefetched = None
         t2 = time.perf_counter()
@@ -122,6 +129,7 @@ class Driver:
         stats = self.recovery.learner_call(update, "PPO step")
         stats.update(step_stats(step, rollouts, sent, (t0, t1, t2, time.perf_counter()), self.cfg.ppo.batch_size))
         stats["failures"] = self.recovery.deaths
+        stats.update(evaluation)
         if self.recovery.deaths != self.recorded_deaths:  # restarted actors: actors.json names their new processes
             self._record_actors()
         def decode(ids: list[int]) -> str:
@@ -132,21 +140,32 @@ class Driver:
         self.metrics.record(stats, {f"rollout-{i}": sent.version - r.weight_version for i, r in enumerate(rollouts)})
         return stats
 
-    def rollout(self, queries: list[list[int]], step: int, sent: Sent) -> Batch:
+    def rollout(self, queries: list[list[int]], step: int, sent: Sent, what: str = "rollout") -> Batch:
         """Every shard's Rollout, in shard order, each checked to come from the weights sent."""
         timeout = self.cfg.cluster.call_timeout_s
+        shards = shard_bounds(len(queries), len(self.fleet.rollouts))
         calls = {i: (lambda i=i, a=a, b=b: self.fleet.rollouts[i].rollout.remote(queries[a:b], step, i, timeout))
-                 for i, (a, b) in enumerate(self.shards)}
-        rollouts = self.recovery.gather(calls, "rollout", self.weights.resend)
+                 for i, (a, b) in enumerate(shards)}
+        rollouts = self.recovery.gather(calls, what, self.weights.resend)
         stale = [i for i, r in enumerate(rollouts) if r.weight_version != sent.version]
         if stale:  # restarted between two calls, so no call failed: told by the process id it reports
             restarted = self.recovery.count_deaths(RuntimeError("restarted between calls"), "rollout")
             redo = [i for i in stale if f"rollout-{i}" in restarted]
             self.weights.resend(redo)
-            again = self.recovery.gather({i: calls[i] for i in redo}, "rollout", self.weights.resend)
+            again = self.recovery.gather({i: calls[i] for i in redo}, what, self.weights.resend)
             rollouts = [again[redo.index(i)] if i in redo else r for i, r in enumerate(rollouts)]
         verify(rollouts, sent)
         return queries, rollouts
+
+    def evaluate(self, sent: Sent) -> dict[str, float]:
+        """The held-out prompts, sampled by the same rollout actors and scored by the same reward
+        actors as training, with the weights just sent and the same seeds every time."""
+        t0 = time.perf_counter()
+        _, rollouts = self.rollout(self.eval_queries, EVAL_STEP, sent, what="evaluation")
+        scores = np.array([s for ro in rollouts for s in ro.scores], dtype=np.float64)
+        return {"eval/reward_mean": float(scores.mean()),
+                "eval/reward_std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+                "time/eval": time.perf_counter() - t0}
 
     def replace_learner(self, reason: str, ckpt: Path | None = None) -> int:
         """A new learner in the lost one's bundle, at ``ckpt`` (default: the newest good
@@ -252,7 +271,8 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def _step_line(stats: dict[str, Any], step: int, steps: int, eta: float) -> str:
-    return (f"step {step + 1}/{steps}  reward {stats['env/reward_mean']:+.3f}  "
+    held_out = f"eval {stats['eval/reward_mean']:+.3f}  " if "eval/reward_mean" in stats else ""
+    return (f"step {step + 1}/{steps}  reward {stats['env/reward_mean']:+.3f}  {held_out}"
             f"kl {stats['objective/kl']:.3f}  beta {stats['objective/kl_coef']:.3f}  "
             f"gen {stats['time/generate']:.1f}s  score {stats['time/score']:.2f}s  "
             f"update {stats['time/update']:.1f}s  {stats['samples_per_second']:.1f} samples/s  "
@@ -312,6 +332,18 @@ def _saved_after(driver: Driver, err: NonFiniteError, at: Progress) -> str:
     return f"the last good checkpoint is step {at.last_ckpt}"
 
 
+def held_out(cfg: Config, stream: PromptStream) -> list[list[int]]:
+    """run.eval_every's prompts: data.eval_prompts of data.eval_split, made as the training prompts
+    are and drawn with run.seed, so every evaluation of the run scores the same ones."""
+    d = cfg.data
+    queries, _ = held_out_prompts(load_texts(d.dataset, d.eval_split, d.text_column), stream.prompts,
+                                  d.eval_prompts, cfg.run.seed)
+    if len(queries) < cfg.cluster.num_rollout_workers:
+        raise ConfigError(f"data.eval_split '{d.eval_split}': {len(queries)} texts longer than {d.min_chars} "
+                          f"characters, fewer than cluster.num_rollout_workers ({cfg.cluster.num_rollout_workers})")
+    return queries
+
+
 def train(cfg: Config) -> Path:
     """1. data and checks  2. Ray and actors  3. resume  4. the steps  5. checkpoint + policy
     6. report."""
@@ -329,6 +361,7 @@ def train(cfg: Config) -> Path:
     stream = PromptStream(load_texts(cfg.data.dataset, cfg.data.split, cfg.data.text_column), tokenizer,
                           cfg.data, cfg.ppo.batch_size, cfg.run.seed)
     check_models(cfg, stream.prompts.longest)
+    eval_queries = held_out(cfg, stream) if cfg.run.eval_every else None
     steps = cfg.run.steps or stream.steps_per_epoch
     done = checkpoint.manifest(resume_from)["step"] if resume_from else 0
     if steps < done:
@@ -340,7 +373,7 @@ def train(cfg: Config) -> Path:
     info = placement.connect(cfg, namespace=f"ppo-{run.path.name}")
     print(f"Ray dashboard: {info['dashboard_url'] or 'not running'}  |  run directory: {run.path}", flush=True)
     try:
-        driver = Driver(cfg, run, stream, tokenizer)
+        driver = Driver(cfg, run, stream, tokenizer, eval_queries)
         for name, where in driver.plan.items():
             print(f"plan: {name:<10} on {where['node']}  {where['gpus']:g} GPU  {where['cpus']:g} CPU  "
                   f"({where['device']})", flush=True)

@@ -24,8 +24,9 @@ GAUGES = {
     "ppo_samples_per_second": ("samples_per_second", "rollouts trained on per second"),
     "ppo_tokens_per_second": ("tokens_per_second", "query+response tokens trained on per second"),
     "ppo_step": ("step", "steps done"),
+    "ppo_eval_reward_mean": ("eval/reward_mean", "mean reward on the fixed held-out prompts (run.eval_every)"),
 }
-PHASES = ("broadcast", "generate", "score", "rollout", "update", "step")
+PHASES = ("broadcast", "generate", "score", "rollout", "update", "step", "eval")
 
 
 class RunMetrics:

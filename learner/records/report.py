@@ -124,6 +124,24 @@ def reward_series(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, li
     raise ReportError(f"{run_dir} has neither rollouts.jsonl nor stats.jsonl with rewards")
 
 
+def eval_series(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and eval/reward_mean of the steps that scored the held-out prompts (run.eval_every),
+    from stats.jsonl; empty without any. A step logged twice keeps its last record."""
+    stats = run_dir / STATS
+    by_step = {int(r["step"]): float(r["eval/reward_mean"]) for r in (read_jsonl(stats) if stats.is_file() else [])
+               if "step" in r and np.isfinite(float(r.get("eval/reward_mean", np.nan)))}
+    steps = np.array(sorted(by_step), dtype=int)
+    return steps, np.array([by_step[s] for s in steps], dtype=float)
+
+
+def _plot_eval(ax: Any, run_dir: Path) -> None:
+    """The held-out reward (eval/reward_mean) as its own line on the mean panel, where the run has it."""
+    steps, mean = eval_series(run_dir)
+    if len(steps):
+        ax.plot(steps, mean, color="tab:orange", marker="D", markersize=4, linewidth=1.2,
+                label="held-out prompts (eval/reward_mean)")
+
+
 def histogram_grid(steps: np.ndarray, scores: list[np.ndarray], bins: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Step edges (S+1,), reward bin edges (bins+1,) and shares (bins, S) over the full step range.
@@ -166,6 +184,7 @@ def plot_rewards(run_dir: Path, out: Path | None = None, title: str | None = Non
     ax_mean.plot(steps, mean, color="tab:blue", marker="o" if len(steps) <= 40 else None, markersize=3,
                  label="mean")
     ax_mean.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
+    _plot_eval(ax_mean, run_dir)
     ax_mean.set_ylabel("reward (POSITIVE logit)")
     ax_mean.set_title(f"batch reward: mean ± std per step (from {source})", fontsize=10)
     ax_mean.legend(loc="best", fontsize=8)
