@@ -5,7 +5,7 @@ Writes into the run directory what the reference notebook reported (docs/recipe.
 - ``reward.png``: the reward mean per step with a +-std band, and the distribution of each
   step's rewards as a heat map (one histogram per step over shared bins; colour = share of
   the batch). From ``rollouts.jsonl``; the mean panel falls back to ``stats.jsonl``.
-- ``before_after.md`` and ``before_after.csv``: a fixed set of held-out TEST-split queries
+- ``before_after.md`` and ``before_after.csv``: a fixed set of held-out queries (data.eval_split: the test split)
   (the training recipe: reviews longer than data.min_review_chars, query = first k policy
   tokens, k uniform in [data.query_min_tokens, data.query_max_tokens], reviews and k drawn
   with a numpy Generator seeded by --seed), continued by the initial and by the tuned policy
@@ -368,7 +368,8 @@ def make_report(run_dir: Path, n_queries: int = 16, seed: int = 0,
         figure = None
 
     rows = before_after_rows(cfg, run_dir / "policy", n_queries, seed, torch_threads=torch_threads)
-    note = (f"{n_queries} held-out queries from the test split of `{cfg.data.dataset}` (seed {seed}), "
+    note = (f"{n_queries} held-out queries from the `{cfg.data.eval_split}` split of `{cfg.data.dataset}` "
+            f"(seed {seed}), "
             f"continued by the initial policy `{cfg.rollout.policy}` (before) and the tuned `{run_dir / 'policy'}` "
             f"(after), with the same sampling seed; reward = POSITIVE logit of `{cfg.reward.model}` on "
             "query + response.")
