@@ -131,3 +131,19 @@ def test_a_bad_data_file_stops_the_run_before_ray_with_one_line(tmp_path: Path):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "has no column 'text' (columns: review)" in errors[0] and "Traceback" not in proc.stderr
     assert "Ray dashboard" not in proc.stdout and not (tmp_path / "runs").exists()
+
+
+def test_a_tokenizer_that_adds_a_bos_token_gets_it_before_every_prompt(policy_dir: Path):
+    """Llama-style tokenizers put BOS before a text; a prompt starts with it as the model was trained."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = load_tokenizer(str(policy_dir))
+    assert Prompts(tok, DataConfig()).before == []  # GPT-2's adds nothing: the recipe's queries
+    bos = tok.eos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.eos_token} $A",
+                                                       special_tokens=[(tok.eos_token, bos)])
+    text = "the film is a fine one to watch"
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    assert Prompts(tok, DataConfig(prompt_mode="whole", query_max_tokens=5))([text], [0]) == [[bos] + plain[-4:]]
+    opening = Prompts(tok, DataConfig(query_max_tokens=5))
+    assert opening([text], [3]) == [[bos] + plain[:3]] and opening.longest == 6
