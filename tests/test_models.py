@@ -1,5 +1,6 @@
-"""Any causal LM as the policy: tiny random Llama, Qwen2 (tied embeddings) and GPT-NeoX models,
-built here with ``save_pretrained`` and the stand-in tokenizer (nothing downloaded).
+"""Any causal LM as the policy: tiny random Llama, Qwen2 (tied embeddings), GPT-NeoX and Gemma 2
+(logits soft-capped after the head, sliding-window layers) models, built here with
+``save_pretrained`` and the stand-in tokenizer (nothing downloaded).
 
 For each: the rollout worker's sampled tokens and log-probs agree with the learner's log-probs
 for the same tokens (after every weight hand-over), the KV-cache loop takes the tokens
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM)
 
 from actors import RolloutSettings, RolloutWorker
@@ -46,7 +48,14 @@ def _gpt_neox(vocab: int, eos: int):
                                             pad_token_id=eos, tie_word_embeddings=False, **SIZES))
 
 
-ARCHITECTURES = {"llama": _llama, "qwen2": _qwen2, "gpt-neox": _gpt_neox}
+def _gemma2(vocab: int, eos: int):
+    """Gemma 2 caps its logits after the LM head (final_logit_softcapping) and scales its embeddings."""
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab, num_key_value_heads=2, head_dim=8, bos_token_id=eos,
+                                          eos_token_id=eos, pad_token_id=eos, final_logit_softcapping=5.0,
+                                          sliding_window=4, **SIZES))
+
+
+ARCHITECTURES = {"llama": _llama, "qwen2": _qwen2, "gpt-neox": _gpt_neox, "gemma2": _gemma2}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,6 +119,13 @@ def test_the_kv_cache_loop_takes_the_tokens_generate_takes(policy: Path):
     by_generate = worker.generate(queries, 1, 0)
     assert by_generate.responses == by_loop.responses
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(by_generate.logprobs, by_loop.logprobs))
+
+
+def test_the_learner_applies_the_head_alone_only_where_that_gives_the_models_logits(policy: Path):
+    from learner.core.forward import plain_head
+
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    assert plain_head(model) == (model.config.model_type != "gemma2")
 
 
 def test_three_ppo_steps_with_rollout_and_learner_log_probs_agreeing(policy: Path, tmp_path: Path):

@@ -7,12 +7,15 @@ savings leave every number as the reference step computes it (docs/ppo-step.md):
 - rows are grouped by length into ``ppo.length_buckets`` groups, each padded only to its own
   longest row (a batch padded to its longest row is mostly padding when lengths vary);
 - the LM head and log-softmax run only where the next token is a response token, the only
-  places whose log-probs the step uses.
+  places whose log-probs the step uses. A model whose causal LM changes the logits after its
+  head (Gemma 2's soft-capping, a logit scale; ``plain_head`` finds out) runs whole instead,
+  so its log-probs are the ones its rollout actors sample from.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +110,54 @@ def _place(x: torch.Tensor, start: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (start, width - start - x.shape[1]))
 
 
+_PLAIN_HEAD: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def plain_head(lm: torch.nn.Module) -> bool:
+    """Whether the causal LM's logits are its output embeddings applied to its base model's last
+    hidden state (GPT-2, Llama, Qwen2, GPT-NeoX, ...), which lets the learner apply the head at
+    response positions only. Probed once per model: a last hidden state whose logits reach +-100
+    is put in place of the base model's (a forward hook), and the causal LM's logits compared
+    with the head's, so a cap or a scale (Gemma 2's soft-capping at 30, Cohere's 1/16) shows."""
+    if lm not in _PLAIN_HEAD:
+        head = lm.get_output_embeddings()
+        weight = head.weight
+        hidden = torch.randn((1, 2, weight.shape[1]), generator=torch.Generator().manual_seed(0))
+        hidden = hidden.to(weight.device, weight.dtype)
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):  # bf16 would blur the comparison
+            hidden = hidden * (100.0 / head(hidden).abs().max().clamp(min=1e-6))
+            handle = lm.base_model.register_forward_hook(lambda module, args, out: _replaced(out, hidden))
+            try:
+                logits = lm(input_ids=torch.zeros((1, 2), dtype=torch.long, device=weight.device),
+                            use_cache=False).logits
+            finally:
+                handle.remove()
+            _PLAIN_HEAD[lm] = torch.allclose(logits.float(), head(hidden).float(), rtol=1e-4, atol=1e-3)
+    return _PLAIN_HEAD[lm]
+
+
+def _replaced(out: Any, hidden: torch.Tensor) -> Any:
+    out.last_hidden_state = hidden
+    return out
+
+
+def _hidden_and_logits(lm: torch.nn.Module, inputs: dict[str, torch.Tensor], sel: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden state (B, L, H) and the logits at the selected positions (N, V): the head
+    alone where ``plain_head``, else the whole causal LM, its base model's output caught by a hook."""
+    if plain_head(lm):
+        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
+        return hidden, lm.get_output_embeddings()(hidden[:, :-1][sel])
+    caught: dict[str, torch.Tensor] = {}
+    handle = lm.base_model.register_forward_hook(
+        lambda module, args, out: caught.__setitem__("hidden", out.last_hidden_state))
+    try:
+        logits = lm(**inputs, use_cache=False).logits  # (B, L, V)
+    finally:
+        handle.remove()
+    return caught["hidden"], logits[:, :-1][sel]
+
+
 def forward(lm: torch.nn.Module, batch: PaddedBatch, device: torch.device, buckets: int, bf16: bool = False,
             value_head: torch.nn.Module | None = None, with_entropy: bool = False) -> TokenOutputs:
     """Per-token outputs of the causal LM ``lm`` (the policy's or the frozen reference) on
@@ -128,11 +179,11 @@ def _group_forward(lm: torch.nn.Module, batch: PaddedBatch, rows: torch.Tensor, 
     a, b = int(real.min()), int(real.max()) + 1
     ids = batch.input_ids[rows, a:b].to(device)
     sel = batch.mask[rows, a:b - 1].to(device).bool()  # (b, L-1): response positions
+    inputs = {"input_ids": ids, "attention_mask": batch.attention_mask[rows, a:b].to(device),
+              "position_ids": batch.position_ids[rows, a:b].to(device)}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden = lm.base_model(input_ids=ids, attention_mask=batch.attention_mask[rows, a:b].to(device),
-                               position_ids=batch.position_ids[rows, a:b].to(device),
-                               use_cache=False).last_hidden_state
-        logits = lm.get_output_embeddings()(hidden[:, :-1][sel]).float()  # (N, V): response positions only
+        hidden, logits = _hidden_and_logits(lm, inputs, sel)
+        logits = logits.float()  # (N, V): response positions only
         values = None if value_head is None else _place(value_head(hidden)[:, :-1].float(), a, width)
     # One log-softmax over (N, V) serves the log-probs and, without grad (it is only a
     # statistic), the entropy -sum(p * log p).
