@@ -124,7 +124,7 @@ class DataConfig:
                                                          "or -1 for the prompt mode's default"),
                                     "query_min_tokens": POSITIVE, "query_max_tokens": above_zero_at_most(4096),
                                     "eval_prompts": above_zero_at_most(10**6)})
-        if self.query_min_tokens > self.query_max_tokens:
+        if self.prompt_mode == "opening" and self.query_min_tokens > self.query_max_tokens:
             raise ConfigError(f"data.query_min_tokens ({self.query_min_tokens}) exceeds data.query_max_tokens "
                               f"({self.query_max_tokens})")
         if self.prompt_mode not in PROMPT_MODES:
