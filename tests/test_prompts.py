@@ -147,3 +147,11 @@ def test_a_tokenizer_that_adds_a_bos_token_gets_it_before_every_prompt(policy_di
     assert Prompts(tok, DataConfig(prompt_mode="whole", query_max_tokens=5))([text], [0]) == [[bos] + plain[-4:]]
     opening = Prompts(tok, DataConfig(query_max_tokens=5))
     assert opening([text], [3]) == [[bos] + plain[:3]] and opening.longest == 6
+
+
+def test_whole_mode_takes_any_query_max_tokens(texts, tokenizer):
+    cfg = parse_args(["--data.prompt_mode", "whole", "--data.query_max_tokens", "1"]).data  # below query_min_tokens
+    stream = PromptStream(texts, tokenizer, cfg, batch_size=8, seed=0)
+    assert all(len(q) == 1 for q in stream.next_batch())
+    with pytest.raises(ConfigError, match=r"data.query_min_tokens \(2\) exceeds data.query_max_tokens \(1\)"):
+        parse_args(["--data.query_max_tokens", "1"])

@@ -165,6 +165,12 @@ class Prompts:
         return [self.before + ids + self.after for ids in body]
 
 
+def opening_range(cfg: DataConfig) -> tuple[int, int]:
+    """numpy's [low, high) for the opening mode's k (whole mode draws it too, unused, and may set
+    query_max_tokens below query_min_tokens)."""
+    return min(cfg.query_min_tokens, cfg.query_max_tokens), cfg.query_max_tokens + 1
+
+
 def held_out_prompts(texts: list[str], prompts: Prompts, n: int, seed: int) -> tuple[list[list[int]], list[int]]:
     """n fixed queries of ``texts`` (fewer if fewer are long enough) and the index of each one's
     text: texts (without replacement) and the opening mode's k from numpy's default_rng(seed)."""
@@ -173,7 +179,7 @@ def held_out_prompts(texts: list[str], prompts: Prompts, n: int, seed: int) -> t
     n = min(n, len(keep))
     rng = np.random.default_rng(seed)
     picked = [keep[i] for i in rng.choice(len(keep), size=n, replace=False)]
-    lengths = [int(k) for k in rng.integers(cfg.query_min_tokens, cfg.query_max_tokens + 1, size=n)]
+    lengths = [int(k) for k in rng.integers(*opening_range(cfg), size=n)]
     return prompts([texts[i] for i in picked], lengths), picked
 
 
@@ -201,7 +207,7 @@ class PromptStream:
         self.seed = seed
         # k once per review, independent of the shuffle, as the notebook's dataset.map did.
         self.query_lens = np.random.default_rng([seed, 7]).integers(
-            cfg.query_min_tokens, cfg.query_max_tokens + 1, size=len(self.texts))
+            *opening_range(cfg), size=len(self.texts))
         self.state = DataState()
         self._order = self._permutation(0)
         log.info("%d texts longer than %d characters: %d batches per pass",
