@@ -370,7 +370,8 @@ class Config:
 
 
 def _check_local(name: str, value: str) -> None:
-    if looks_local(value) and not Path(value).expanduser().exists():
+    named_file = name == "data.dataset" and Path(value).suffix.lower() in DATA_FILE_KINDS  # not a hub id
+    if (looks_local(value) or named_file) and not Path(value).expanduser().exists():
         raise ConfigError(f"{name}: '{value}' does not exist; pass an existing local folder or a hub id")
     path = Path(value).expanduser()
     if name == "data.dataset" and path.is_file() and path.suffix.lower() not in DATA_FILE_KINDS:

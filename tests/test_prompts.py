@@ -117,6 +117,8 @@ def test_bad_data_files_are_one_line_errors(tmp_path: Path):
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"data.dataset: '.*p.txt' is not a .jsonl, .csv or .parquet file"):
         parse_args(["--dataset", str(tmp_path / "p.txt")])
+    with pytest.raises(ConfigError, match=r"data.dataset: 'prompts.jsonl' does not exist"):
+        parse_args(["--dataset", "prompts.jsonl"])  # a bare file name is no hub id
     with pytest.raises(ConfigError, match=r"data.prompt_mode 'all' must be one of opening, whole"):
         parse_args(["--data.prompt_mode", "all"])
 
