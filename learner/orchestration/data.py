@@ -147,7 +147,7 @@ class Prompts:
         self.room = cfg.query_max_tokens - len(self.before) - len(self.after)  # whole mode: the text's tokens
         if cfg.prompt_mode == "whole" and self.room < 1:
             raise ConfigError(f"data.query_max_tokens ({cfg.query_max_tokens}) leaves no room for the text next to "
-                              f"the {len(self.before) + len(self.after)} tokens of the chat template; raise it")
+                              f"the {len(self.before) + len(self.after)} tokens around it (template, BOS); raise it")
 
     @property
     def longest(self) -> int:
