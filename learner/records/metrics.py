@@ -34,17 +34,21 @@ class RunMetrics:
         tags = ("run",)
         self.run = {"run": run_name}
         self.gauges = {name: Gauge(name, description=desc, tag_keys=tags) for name, (_, desc) in GAUGES.items()}
+        self.last: dict[str, float] = {}  # each gauge's latest value (and each phase's), set again every step
+        self.last_phases: dict[str, float] = {}
         self.phase = Gauge("ppo_phase_seconds", description="seconds per phase of the last step",
                            tag_keys=("run", "phase"))
         self.lag = Gauge("ppo_weight_version_lag", description="learner version minus the rollout actor's",
                          tag_keys=("run", "actor"))
 
     def record(self, stats: dict[str, Any], lags: dict[str, int]) -> None:
-        for name, (key, _) in GAUGES.items():
-            if key in stats:
-                self.gauges[name].set(float(stats[key]), tags=self.run)
-        for phase in PHASES:
-            if f"time/{phase}" in stats:
-                self.phase.set(float(stats[f"time/{phase}"]), tags={**self.run, "phase": phase})
+        # A statistic not in every step (eval/reward_mean, time/eval) keeps its last value: Ray stops
+        # exporting a gauge not set within its TTL, and Prometheus would then mark the series stale.
+        self.last.update({name: float(stats[key]) for name, (key, _) in GAUGES.items() if key in stats})
+        self.last_phases.update({phase: float(stats[f"time/{phase}"]) for phase in PHASES if f"time/{phase}" in stats})
+        for name, value in self.last.items():
+            self.gauges[name].set(value, tags=self.run)
+        for phase, seconds in self.last_phases.items():
+            self.phase.set(seconds, tags={**self.run, "phase": phase})
         for actor, lag in lags.items():
             self.lag.set(float(lag), tags={**self.run, "actor": actor})
