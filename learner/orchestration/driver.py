@@ -58,9 +58,8 @@ def shard_bounds(batch_size: int, n: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
-def check_models(cfg: Config, longest_query: int) -> None:
-    """Cheap checks on the models' configs before any actor starts; ``longest_query``: the most
-    tokens a prompt can have (data.query_max_tokens, plus a chat template's in opening mode)."""
+def check_models(cfg: Config) -> None:
+    """Cheap checks on the models' configs before any actor starts."""
     from transformers import AutoConfig
 
     policy = load_pretrained(AutoConfig, cfg.policy, "rollout.policy")
@@ -70,18 +69,26 @@ def check_models(cfg: Config, longest_query: int) -> None:
                           "policy such as a GPT-2 save_pretrained folder")
     check_weights(cfg.policy, "rollout.policy")
     check_weights(cfg.reward.model, "reward.model")
-    context = getattr(policy, "n_positions", None) or getattr(policy, "max_position_embeddings", None)
-    longest = longest_query + cfg.rollout.response_max_tokens
-    if context and longest > context:
-        extra = f", with {longest_query - cfg.data.query_max_tokens} of the chat template," \
-            if longest_query > cfg.data.query_max_tokens else ""
-        raise ConfigError(f"data.query_max_tokens ({cfg.data.query_max_tokens}){extra} + rollout.response_max_tokens "
-                          f"({cfg.rollout.response_max_tokens}) exceed the policy's context of {context} positions")
     reward = load_pretrained(AutoConfig, cfg.reward.model, "reward.model")
     labels = list((reward.label2id or {}).keys())
     if cfg.reward.positive_label not in labels:
         raise ConfigError(f"reward.positive_label: the reward model has no label '{cfg.reward.positive_label}' "
                           f"(labels: {', '.join(labels) or 'none'}); set reward.positive_label")
+
+
+def check_context(cfg: Config, longest_query: int) -> None:
+    """The longest prompt and response fit the policy's context; ``longest_query``: the most
+    tokens a prompt can have (data.query_max_tokens, plus a chat template's or BOS in opening mode)."""
+    from transformers import AutoConfig
+
+    policy = load_pretrained(AutoConfig, cfg.policy, "rollout.policy")
+    context = getattr(policy, "n_positions", None) or getattr(policy, "max_position_embeddings", None)
+    longest = longest_query + cfg.rollout.response_max_tokens
+    if context and longest > context:
+        extra = f", with {longest_query - cfg.data.query_max_tokens} tokens of the chat template or BOS," \
+            if longest_query > cfg.data.query_max_tokens else ""
+        raise ConfigError(f"data.query_max_tokens ({cfg.data.query_max_tokens}){extra} + rollout.response_max_tokens "
+                          f"({cfg.rollout.response_max_tokens}) exceed the policy's context of {context} positions")
 
 
 class Driver:
@@ -357,10 +364,11 @@ def train(cfg: Config) -> Path:
         _, resume_from, notes = checkpoint.find_resumable(Path(cfg.run.resume))
         for note in notes:
             print(f"warning: {note}", file=sys.stderr, flush=True)
+    check_models(cfg)
     tokenizer = load_tokenizer(cfg.policy)
     stream = PromptStream(load_texts(cfg.data.dataset, cfg.data.split, cfg.data.text_column), tokenizer,
                           cfg.data, cfg.ppo.batch_size, cfg.run.seed)
-    check_models(cfg, stream.prompts.longest)
+    check_context(cfg, stream.prompts.longest)
     eval_queries = held_out(cfg, stream) if cfg.run.eval_every else None
     steps = cfg.run.steps or stream.steps_per_epoch
     done = checkpoint.manifest(resume_from)["step"] if resume_from else 0
