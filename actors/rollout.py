@@ -3,7 +3,7 @@
 A plain Python class; the driver makes it an actor with ``ray.remote(...)(RolloutWorker)``.
 Each PPO step the driver splits the step's queries into shards, one per worker; a worker
 samples its shard as one batch (``actors.sampling``: a KV-cache loop where the model allows it,
-transformers' ``generate`` otherwise) and (in ``rollout``) sends the texts to a sentiment scorer.
+transformers' ``generate`` otherwise) and (in ``rollout``) sends the prompts and responses to a reward server.
 Weights arrive through ``load_weights`` (the driver passes them through Ray's object store).
 
 Sampling is the reference recipe's (docs/recipe.md): top_k=0, top_p=1.0, temperature 1,
@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,7 +36,7 @@ from modelhost.weights import distinct_tensors, numpy_copies, tied_duplicates
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Rollout", "RolloutSettings", "RolloutWorker", "draw_lengths_and_seed", "left_pad", "InverseCdfSampling",
+__all__ = ["Rollout", "RolloutSettings", "RolloutWorker", "draw_lengths_and_seed", "left_pad", "split_texts", "InverseCdfSampling",
            "sampling_processors", "sample_responses"]
 
 
@@ -105,6 +105,12 @@ class Rollout:
     """Wall time of scoring (0.0 until scored)."""
     weight_fingerprint: list[float] | None = None
     """actors.fingerprint of the weights that generated these: the driver checks it against the learner's."""
+    prompts: list[str] = field(default_factory=list)
+    """(B,) decode(query, skip_special_tokens=True): the prompt a reward source reads."""
+    response_texts: list[str] = field(default_factory=list)
+    """(B,) the response's text, so that prompts[i] + response_texts[i] == texts[i] (rollout.split_texts)."""
+    source_scores: dict[str, list[float]] = field(default_factory=dict)
+    """source name -> (B,) that reward source's scores; ``scores`` is their weighted sum ({} until scored)."""
 
 
 def draw_lengths_and_seed(settings: RolloutSettings, step: int, shard: int, n: int) -> tuple[list[int], int]:
@@ -116,6 +122,23 @@ def draw_lengths_and_seed(settings: RolloutSettings, step: int, shard: int, n: i
     lengths = np.random.default_rng(length_seq).integers(
         settings.response_min_tokens, settings.response_max_tokens + 1, size=n)
     return [int(x) for x in lengths], int(torch_seq.generate_state(1, dtype=np.uint64)[0])
+
+
+def split_texts(tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
+                texts: list[str]) -> tuple[list[str], list[str]]:
+    """(prompts, response texts) with prompt + response == the whole text wherever the whole text
+    starts with the decoded prompt (a reward source that joins them reads what the recipe's
+    classifier read); elsewhere (a character split between query and response) each is decoded alone."""
+    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    alone = None
+    response_texts = []
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        if text.startswith(prompt):
+            response_texts.append(text[len(prompt):])
+        else:
+            alone = alone or tokenizer.batch_decode(responses, skip_special_tokens=True)
+            response_texts.append(alone[i])
+    return prompts, response_texts
 
 
 def left_pad(queries: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +168,8 @@ class RolloutWorker:
     """Generates (and optionally scores) one shard of a PPO step's queries with the current policy."""
 
     def __init__(self, settings: RolloutSettings, scorers: Sequence[Any] = ()) -> None:
-        """``scorers``: objects with ``score(texts)``, Ray actor handles of such, or the names of
-        such Ray actors in this job's namespace. The driver passes names: Ray 2.60 logs an ERROR
+        """``scorers``: objects with ``score(prompts, responses)``, Ray actor handles of such, or the
+        names of such Ray actors in this job's namespace. The driver passes names: Ray 2.60 logs an ERROR
         ("constructor arguments in the object store and max_restarts > 0") for a restartable
         actor whose constructor arguments hold actor handles (or anything over 100 KB); names
         are small plain strings, looked up at the first rollout."""
@@ -219,19 +242,22 @@ class RolloutWorker:
             sampling_processors(self.settings, generator))
         texts = self.tokenizer.batch_decode([q + r for q, r in zip(queries, responses)],
                                             skip_special_tokens=True)
-        return Rollout(queries=queries, responses=responses, texts=texts,
+        prompts, response_texts = split_texts(self.tokenizer, queries, responses, texts)
+        return Rollout(queries=queries, responses=responses, texts=texts, prompts=prompts,
+                       response_texts=response_texts,
                        logprobs=logprobs, scores=None,
                        weight_version=self._weight_version, weight_fingerprint=self.weight_fingerprint(),
                        step=step, shard=shard,
                        generate_seconds=time.perf_counter() - start, score_seconds=0.0)
 
     def rollout(self, queries: list[list[int]], step: int, shard: int, timeout_s: float = 300.0) -> Rollout:
-        """generate, then score the texts with this shard's scorer."""
+        """generate, then score the (prompt, response) texts with this shard's scorer."""
         if not self.scorers:
             raise ValueError("rollout() needs a scorer: pass scorers= to RolloutWorker, or call generate()")
         result = self.generate(queries, step, shard)
         start = time.perf_counter()
-        result.scores = self._score(self._scorer(shard), result.texts, timeout_s)
+        result.scores, result.source_scores = self._score(self._scorer(shard), result.prompts,
+                                                          result.response_texts, timeout_s)
         result.score_seconds = time.perf_counter() - start
         return result
 
@@ -261,14 +287,17 @@ class RolloutWorker:
         return self.scorers[i]
 
     @staticmethod
-    def _score(scorer: Any, texts: list[str], timeout_s: float) -> list[float]:
-        """Calls a local scorer directly, or a Ray actor handle with a timeout."""
+    def _score(scorer: Any, prompts: list[str], responses: list[str],
+               timeout_s: float) -> tuple[list[float], dict[str, list[float]]]:
+        """Calls a local scorer directly, or a Ray actor handle with a timeout. A scorer answers a
+        list of rewards, or {"rewards": [...], "sources": {name: [...]}} (rewards.RewardServer)."""
         if hasattr(scorer.score, "remote"):
             import ray
 
-            scores = ray.get(scorer.score.remote(texts), timeout=timeout_s)
+            answer = ray.get(scorer.score.remote(prompts, responses), timeout=timeout_s)
         else:
-            scores = scorer.score(texts)
-        if len(scores) != len(texts):
-            raise ValueError(f"scorer returned {len(scores)} scores for {len(texts)} texts")
-        return [float(s) for s in scores]
+            answer = scorer.score(prompts, responses)
+        scores, sources = (answer["rewards"], answer.get("sources", {})) if isinstance(answer, dict) else (answer, {})
+        if len(scores) != len(prompts):
+            raise ValueError(f"scorer returned {len(scores)} scores for {len(prompts)} texts")
+        return [float(s) for s in scores], {name: [float(v) for v in values] for name, values in sources.items()}

@@ -31,7 +31,7 @@ import yaml
 
 from actors.rollout import RolloutSettings
 from modelhost.loading import looks_local
-from rewards.scorer import RewardSettings
+from rewards.settings import RewardSettings, SourceSpec
 
 try:  # tyro's hook for a refused command line (tyro >= 1.0.14; tyro keeps the module private)
     from tyro._errors import on_parse_error
@@ -320,9 +320,19 @@ class RewardSection(RewardSettings):
     """The reward actors' own settings (rewards.scorer.RewardSettings); the driver sets their threads."""
 
     torch_threads: tyro.conf.Suppress[int] = 1
+    sources: tyro.conf.Suppress[list[SourceSpec]] = field(default_factory=list)
+    """a weighted mix, YAML only (reward.sources): a list of {name, weight, and one of model / function / url}"""
 
     def __post_init__(self) -> None:
-        _actor_checks("reward", self, RewardSettings)
+        try:
+            RewardSettings.__post_init__(self)
+        except ValueError as err:  # named by its dotted path where the message starts with a field
+            message = str(err)
+            field_name = message.split(" ", 1)[0].rstrip(":")
+            if message.startswith("reward."):
+                raise ConfigError(message) from None
+            known = field_name in {f.name for f in dataclasses.fields(RewardSettings)}
+            raise ConfigError(f"reward.{message}" if known else f"reward: {message}") from None
 
     def for_actor(self, torch_threads: int) -> RewardSettings:
         return RewardSettings(**{**dataclasses.asdict(self), "torch_threads": torch_threads})
@@ -363,6 +373,15 @@ class Config:
                               f"({c.num_rollout_workers}): each rollout actor needs at least one prompt to score")
         for name in ("rollout.policy", "reward.model", "data.dataset"):
             _check_local(name, get_path(self, name))
+        r = self.reward
+        tries = (r.retries + 1) * r.timeout_s
+        if any(spec.url for spec in r.source_specs()) and tries >= c.call_timeout_s:
+            raise ConfigError(f"reward.timeout_s ({r.timeout_s:g}) x (reward.retries ({r.retries}) + 1) = {tries:g}s "
+                              f"must stay below cluster.call_timeout_s ({c.call_timeout_s:g}), so that a reward "
+                              "endpoint that is down is reported as such")
+        for spec in self.reward.sources:
+            if spec.model:
+                _check_local(f"reward.sources '{spec.name}': model", spec.model)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -393,6 +412,9 @@ def resolve_local_paths(cfg: Config) -> Config:
             continue
         if name == "run.out_dir" or looks_local(value):
             set_path(cfg, name, str(Path(value).expanduser().resolve()))
+    for spec in cfg.reward.sources:
+        if spec.model and looks_local(spec.model):
+            spec.model = str(Path(spec.model).expanduser().resolve())
     return cfg
 
 
@@ -413,9 +435,13 @@ ALIASES = {
     "resume": "run.resume",
 }
 
+# Settings a YAML file may hold that have no flag: a list of sections does not fit one.
+YAML_ONLY = ("reward.sources",)
+
 # What a resumed run cannot change: the models, the data stream and the batch shape fix what
 # the checkpoint holds (weights, Adam's moments, the data position, the sampling seeds).
-FROZEN_ON_RESUME = ("rollout.policy", "reward.model", "reward.positive_label", "data.dataset", "data.split",
+FROZEN_ON_RESUME = ("rollout.policy", "reward.model", "reward.positive_label", "reward.function", "reward.url",
+                    "reward.sources", "data.dataset", "data.split",
                     "data.text_column", "data.prompt_mode", "data.chat_template", "data.min_review_chars",
                     "data.query_min_tokens", "data.query_max_tokens",
                     "ppo.batch_size", "ppo.mini_batch_size", "ppo.max_lag", "run.seed", "cluster.num_rollout_workers")
@@ -428,6 +454,7 @@ class CommandLine:
     Every setting is a flag named by its place in the config tree (- and _ alike).
 
     A YAML file (--config FILE) may hold any of them, nested the same way; flags win over it.
+    It may also hold reward.sources, a weighted mix of rewards (README: Rewards).
 
     With --resume RUN_DIR the run's saved config is the base; flags still win.
 
@@ -543,6 +570,8 @@ def set_path(cfg: Any, dotted: str, value: Any) -> None:
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:
     """A YAML value as the field's type, or a ConfigError naming the setting."""
+    if name == "reward.sources":
+        return _sources(value)
     try:
         if typ is bool and isinstance(value, bool) or typ is str and isinstance(value, str):
             return value
@@ -557,6 +586,29 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
     raise ConfigError(f"{name}: {value!r} is not a valid {getattr(typ, '__name__', typ)}")
 
 
+def _sources(value: Any) -> list[SourceSpec]:
+    """reward.sources from YAML: a list of {name, weight, one of model / function / url}."""
+    if not isinstance(value, list):  # [] is no mix: a saved run's config.yaml holds it so
+        raise ConfigError("reward.sources must be a list of {name, weight, and one of model, function, url}")
+    keys = [f.name for f in dataclasses.fields(SourceSpec)]
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, SourceSpec):
+            out.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"reward.sources[{i}] must be a mapping of {', '.join(keys)} (got {item!r:.60})")
+        unknown = [k for k in item if k not in keys]
+        if unknown:
+            raise ConfigError(f"reward.sources[{i}]: unknown key '{unknown[0]}' (keys: {', '.join(keys)})")
+        fields = {k: _coerce(f"reward.sources[{i}].{k}", float if k == "weight" else str, v) for k, v in item.items()}
+        try:
+            out.append(SourceSpec(**fields))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return out
+
+
 def _unknown(name: str, known: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the settings"
@@ -567,7 +619,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and name not in YAML_ONLY:  # reward.sources is a list, however written
             out.update(_flatten(value, name + "."))
         else:
             out[name] = value
@@ -653,7 +705,7 @@ def _file_settings(config_file: str) -> dict[str, Any]:
     settings = load_yaml(config_file)
     offered = leaves()
     for name in settings:
-        if name not in offered:
+        if name not in offered and name not in YAML_ONLY:
             raise _unknown(name, list(offered))
     return settings
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from learner.records.report import ReportError, make_report
+from rewards.sources import RewardSourceError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         result = make_report(args.run_dir, args.queries, args.seed, torch_threads=args.threads or None)
-    except (ReportError, OSError, ValueError) as err:
+    except (ReportError, OSError, ValueError, RewardSourceError) as err:
         # ValueError covers ConfigError and ModelLoadError from the loaders.
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)

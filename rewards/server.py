@@ -25,7 +25,13 @@ to three small async methods (``score``, ``_next_batch``, ``_run``).
 The driver spawns it as an async Ray actor, so many ``score`` calls wait at once:
 
     server = ray.remote(num_cpus=0, max_concurrency=64)(RewardServer).remote(settings, callers=2)
-    scores = ray.get(server.score.remote(texts))
+    answer = ray.get(server.score.remote(prompts, responses))
+    answer["rewards"], answer["sources"]  # the mixed reward per pair, each source's scores by name
+
+Each pass scores its pairs with every source of the mix (``rewards.sources.RewardMix``); a
+source that raises or answers wrongly (too few or too many values, a non-number, a
+non-finite one) fails that pass's requests at once, each with the same one-line
+``RewardSourceError`` naming the source.
 
 Replicas are independent: each holds its own model, queue and statistics. The class is
 plain Python and also runs under bare asyncio (the tests do both).
@@ -39,38 +45,46 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from modelhost.process import process_info
-from rewards.scorer import RewardSettings, SentimentScorer
+from rewards.settings import RewardSettings
+from rewards.sources import RewardFunction, RewardMix, RewardSourceError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _Request:
-    """One caller's texts, answered once every one of them is scored."""
+    """One caller's (prompt, response) pairs, answered once every one of them is scored."""
 
-    texts: list[str]
+    prompts: list[str]
+    responses: list[str]
     future: asyncio.Future
     arrived: float  # event-loop time of the score() call
-    scores: list[float] = field(default_factory=list)  # (len(texts),) once created
-    left: int = 0  # texts not scored yet
+    scores: list[float] = field(default_factory=list)  # (n,) the mixed reward, once created
+    sources: dict[str, list[float]] = field(default_factory=dict)  # name -> (n,) that source's scores
+    left: int = 0  # pairs not scored yet
 
     def __post_init__(self) -> None:
-        self.scores = [0.0] * len(self.texts)
-        self.left = len(self.texts)
+        self.scores = [0.0] * len(self.prompts)
+        self.left = len(self.prompts)
+
+    def answer(self) -> dict:
+        return {"rewards": self.scores, "sources": self.sources}
 
 
 class RewardServer:
     """Async Ray actor body: batches score requests of all rollout actors."""
 
-    def __init__(self, settings: RewardSettings, callers: int = 0) -> None:
+    def __init__(self, settings: RewardSettings, callers: int = 0,
+                 functions: dict[str, RewardFunction] | None = None) -> None:
         """``callers``: how many rollout actors send requests here, one at a time each; a pass
         starts as soon as each has a request waiting. 0: unknown (wait for full passes or
-        ``max_wait_ms``)."""
+        ``max_wait_ms``). ``functions``: Python reward functions given as objects, by the
+        ``reward.function`` string that names them (``learner.train(reward=...)``)."""
         if callers < 0:
             raise ValueError(f"RewardServer callers must be >= 0, got {callers}")
         self.settings = settings
         self.callers = callers
-        self.scorer = SentimentScorer(settings)
+        self.mix = RewardMix(settings, functions)
         # One thread: forward passes run one at a time, off the event loop, so new
         # requests keep queuing while a batch is scored.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward")
@@ -83,20 +97,21 @@ class RewardServer:
         self._metric = _batch_size_metric()
         self.reset_stats()
 
-    async def score(self, texts: list[str]) -> list[float]:
-        """Raw POSITIVE logit of each text, in order; merged with concurrent requests."""
-        _check_texts(texts)
+    async def score(self, prompts: list[str], responses: list[str]) -> dict:
+        """{"rewards": the mixed reward of each (prompt, response), "sources": {name: that source's
+        scores}}, in order; merged with concurrent requests."""
+        _check_texts(prompts, responses)
         self._requests += 1
-        if not texts:
-            return []
+        if not prompts:
+            return {"rewards": [], "sources": {spec.name: [] for spec in self.mix.specs}}
         loop = asyncio.get_running_loop()
         if self._arrived is None:
             self._arrived = asyncio.Event()
         # (Re)started if it ever died, so a bug in the loop cannot leave callers waiting forever.
         if self._batcher is None or self._batcher.done():
             self._batcher = loop.create_task(self._batch_loop())
-        request = _Request(list(texts), loop.create_future(), loop.time())
-        self._queue.extend((request, i) for i in range(len(texts)))
+        request = _Request(list(prompts), list(responses), loop.create_future(), loop.time())
+        self._queue.extend((request, i) for i in range(len(prompts)))
         self._queued_requests += 1
         self._arrived.set()
         return await request.future
@@ -118,7 +133,7 @@ class RewardServer:
 
     def ping(self) -> dict:
         """Where this replica runs (placement checks in the driver and tests)."""
-        return process_info(self.scorer.device)
+        return process_info(self.mix.device)
 
     async def _batch_loop(self) -> None:
         while True:
@@ -144,40 +159,49 @@ class RewardServer:
         batch: list[tuple[_Request, int]] = []
         while self._queue and len(batch) < most:
             request, i = self._queue.popleft()
-            self._queued_requests -= i == len(request.texts) - 1  # its last text leaves the queue
+            self._queued_requests -= i == len(request.prompts) - 1  # its last text leaves the queue
             if not request.future.done():  # else its caller was cancelled, or an earlier pass failed
                 batch.append((request, i))
         return batch
 
     async def _run(self, batch: list[tuple[_Request, int]]) -> None:
-        """One forward pass in the executor thread; each text's score goes to its request."""
-        texts = [request.texts[i] for request, i in batch]
+        """One pass in the executor thread; each pair's scores go to its request."""
+        prompts = [request.prompts[i] for request, i in batch]
+        responses = [request.responses[i] for request, i in batch]
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, texts)
+            scores, sources = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._forward, prompts, responses)
         except Exception as error:  # every caller of the batch gets it; none is left hanging
-            logger.warning("reward forward pass of %d texts failed: %r", len(texts), error)
+            # A source's own failure is the callers' one line to report; anything else is a bug here.
+            (logger.debug if isinstance(error, RewardSourceError) else logger.warning)(
+                "reward pass of %d texts failed: %r", len(prompts), error)
             for request, _ in batch:
                 if not request.future.done():
                     request.future.set_exception(error)
             return
-        self._batch_sizes.append(len(texts))
+        self._batch_sizes.append(len(prompts))
         if self._metric is not None:
-            self._metric.observe(len(texts))
-        for (request, i), score in zip(batch, scores):
-            request.scores[i] = score
+            self._metric.observe(len(prompts))
+        for k, (request, i) in enumerate(batch):
+            request.scores[i] = scores[k]
+            for name, values in sources.items():
+                request.sources.setdefault(name, [0.0] * len(request.prompts))[i] = values[k]
             request.left -= 1
             if request.left == 0 and not request.future.done():
-                request.future.set_result(request.scores)
+                request.future.set_result(request.answer())
 
-    def _forward(self, texts: list[str]) -> list[float]:
-        """The one forward pass (runs in the executor thread)."""
-        return self.scorer.score(texts)
+    def _forward(self, prompts: list[str], responses: list[str]) -> tuple[list[float], dict[str, list[float]]]:
+        """The one pass over every source (runs in the executor thread)."""
+        return self.mix.score(prompts, responses)
 
 
-def _check_texts(texts: list[str]) -> None:
+def _check_texts(prompts: list[str], responses: list[str]) -> None:
     """Reject bad input at the door, so it fails only its own caller, not a merged batch."""
-    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
-        raise TypeError("RewardServer.score takes a list of str (decoded query + response texts)")
+    for texts in (prompts, responses):
+        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+            raise TypeError("RewardServer.score takes two lists of str (decoded prompts and responses)")
+    if len(prompts) != len(responses):
+        raise ValueError(f"RewardServer.score got {len(prompts)} prompts and {len(responses)} responses")
 
 
 def _batch_size_metric():

@@ -67,8 +67,10 @@ def test_ray_exports_the_project_metrics(quick_run: DriverRun):
     for name in ("ray_ppo_reward_mean", "ray_ppo_kl", "ray_ppo_kl_coef", "ray_ppo_policy_loss",
                  "ray_ppo_value_loss", "ray_ppo_clipfrac", "ray_ppo_samples_per_second",
                  "ray_ppo_tokens_per_second", "ray_ppo_phase_seconds", "ray_ppo_weight_version_lag",
-                 "ray_ppo_reward_batch_size_count", "ray_ppo_eval_reward_mean"):
+                 "ray_ppo_reward_batch_size_count", "ray_ppo_eval_reward_mean", "ray_ppo_reward_source_mean"):
         assert _samples(text, name), f"{name} not exported"
+    (labels, source_mean), = _samples(text, "ray_ppo_reward_source_mean")
+    assert 'source="model"' in labels  # the recipe's one source, the classifier
     (_, reward), = _samples(text, "ray_ppo_reward_mean")
     assert -3 < reward < 3
     (_, beta), = _samples(text, "ray_ppo_kl_coef")

@@ -222,7 +222,8 @@ def test_non_finite_reward_stops_with_the_state_before_the_step_saved(tmp_path: 
     run = run_driver([*REF, "--reward-model", str(nan_reward_model)], tmp_path, "nan")
     assert run.returncode == 1
     last = run.output.strip().splitlines()[-1]
-    assert last.startswith("error: non-finite reward scores at step 1; saved the last good state as"), \
+    assert last.startswith("error: step 1: reward source 'model' returned a non-finite value for text 0: nan; "
+                           "saved the last good state as"), \
         run.output[-2000:]
     saved = run.run_dir / "checkpoints" / "step-000000"
     assert checkpoint.verify(saved) is None

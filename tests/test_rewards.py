@@ -103,6 +103,13 @@ def test_batched_equals_one_at_a_time(reward_dir: Path, scorer: SentimentScorer,
 # --- RewardServer under bare asyncio ----------------------------------------------------
 
 
+def ask(server: RewardServer, texts: list[str]):
+    """The server's rewards for whole texts (empty prompts: the classifier reads prompt + response)."""
+    async def scores() -> list[float]:
+        return (await server.score([""] * len(texts), texts))["rewards"]
+    return scores()
+
+
 def requests_of(count: int) -> list[list[str]]:
     """`count` requests of 1..4 texts each, cycling through TEXTS."""
     return [[TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 4)] for i in range(count)]
@@ -114,7 +121,7 @@ def test_server_merges_concurrent_requests(reward_dir: Path,
     requests = requests_of(12) + [TEXTS * 2]  # the last one alone exceeds max_batch_size
 
     async def fire() -> list[list[float]]:
-        return await asyncio.gather(*(server.score(texts) for texts in requests))
+        return await asyncio.gather(*(ask(server, texts) for texts in requests))
 
     results = asyncio.run(fire())
     for texts, scores in zip(requests, results):
@@ -139,9 +146,9 @@ def test_pass_starts_once_every_caller_has_asked(reward_dir: Path, one_at_a_time
     async def fire() -> tuple[list[list[float]], float]:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        first = asyncio.ensure_future(server.score(TEXTS[:3]))
+        first = asyncio.ensure_future(ask(server, TEXTS[:3]))
         await asyncio.sleep(0.5)  # the second caller asks half a second later
-        results = await asyncio.wait_for(asyncio.gather(first, server.score(TEXTS[3:])), 15)
+        results = await asyncio.wait_for(asyncio.gather(first, ask(server, TEXTS[3:])), 15)
         return results, loop.time() - start
 
     results, seconds = asyncio.run(fire())
@@ -155,11 +162,11 @@ class FailingOnceServer(RewardServer):
 
     failed = False
 
-    def _forward(self, texts: list[str]) -> list[float]:
+    def _forward(self, prompts: list[str], responses: list[str]):
         if not self.failed:
             self.failed = True
             raise RuntimeError("forward pass failed on purpose")
-        return super()._forward(texts)
+        return super()._forward(prompts, responses)
 
 
 def test_failed_forward_pass_reaches_every_caller(reward_dir: Path,
@@ -167,10 +174,10 @@ def test_failed_forward_pass_reaches_every_caller(reward_dir: Path,
     server = FailingOnceServer(settings_for(reward_dir, max_batch_size=64, max_wait_ms=50))
 
     async def fire() -> tuple[list[object], list[float]]:
-        calls = (server.score(texts) for texts in requests_of(5))
+        calls = (ask(server, texts) for texts in requests_of(5))
         failed = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
         # The server survives the failure: the next request is scored normally.
-        after = await asyncio.wait_for(server.score([POSITIVE_TEXT]), 30)
+        after = await asyncio.wait_for(ask(server, [POSITIVE_TEXT]), 30)
         return failed, after
 
     failed, after = asyncio.run(fire())
@@ -184,12 +191,14 @@ def test_bad_input_fails_only_its_caller(reward_dir: Path,
     server = RewardServer(settings_for(reward_dir, max_wait_ms=50))
 
     async def fire() -> list[object]:
-        calls = [server.score([NEGATIVE_TEXT]), server.score([None]), server.score("a str")]
+        calls = [ask(server, [NEGATIVE_TEXT]), ask(server, [None]), server.score("a str", "a str"),
+                 server.score(["two", "prompts"], ["one response"])]
         return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
 
-    good, bad, str_instead_of_list = asyncio.run(fire())
+    good, bad, str_instead_of_list, unpaired = asyncio.run(fire())
     assert good == pytest.approx([one_at_a_time[NEGATIVE_TEXT]], abs=1e-5)
     assert isinstance(bad, TypeError) and isinstance(str_instead_of_list, TypeError)
+    assert isinstance(unpaired, ValueError)
 
 
 # --- RewardServer as an async Ray actor ---------------------------------------------------
@@ -212,7 +221,8 @@ def test_ray_server_merges_requests_of_several_actors(ray_local, reward_dir: Pat
         def fire(self, server: object, requests: list[list[str]]) -> list[list[float]]:
             import ray
 
-            return ray.get([server.score.remote(texts) for texts in requests], timeout=120)
+            answers = ray.get([server.score.remote([""] * len(texts), texts) for texts in requests], timeout=120)
+            return [answer["rewards"] for answer in answers]
 
     # A long window, so requests from separate processes surely land in the same one.
     settings = settings_for(reward_dir, max_batch_size=256, max_wait_ms=1000)
@@ -229,8 +239,8 @@ def test_ray_server_merges_requests_of_several_actors(ray_local, reward_dir: Pat
     per_caller = [requests_of(6)[:3], requests_of(6)[3:]]
     own = requests_of(8)[6:]  # the driver sends two requests as well
     fired = [caller.fire.remote(server, reqs) for caller, reqs in zip(callers, per_caller)]
-    own_refs = [server.score.remote(texts) for texts in own]
-    results = [*ray.get(fired, timeout=60)] + [ray.get(own_refs, timeout=60)]
+    own_refs = [server.score.remote([""] * len(texts), texts) for texts in own]
+    results = [*ray.get(fired, timeout=60)] + [[a["rewards"] for a in ray.get(own_refs, timeout=60)]]
 
     for requests, scores in zip(per_caller + [own], results):
         for texts, got in zip(requests, scores):

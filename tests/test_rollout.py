@@ -33,8 +33,8 @@ class WordCounter:
     def __init__(self, word: str) -> None:
         self.word = word
 
-    def score(self, texts: list[str]) -> list[float]:
-        return [float(text.lower().split().count(self.word)) for text in texts]
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [float((p + r).lower().split().count(self.word)) for p, r in zip(prompts, responses)]
 
 
 def make_settings(policy: Path | str, **overrides) -> RolloutSettings:
@@ -367,7 +367,8 @@ def test_rollout_scores_with_local_scorers(policy_dir: Path, queries):
     for shard in (0, 1, 2):
         out = w.rollout(queries, step=2, shard=shard)
         assert isinstance(out, Rollout)
-        assert out.scores == scorers[shard % 2].score(out.texts)
+        assert [p + r for p, r in zip(out.prompts, out.response_texts)] == out.texts
+        assert out.scores == scorers[shard % 2].score(out.prompts, out.response_texts)
         assert out.score_seconds >= 0.0 and out.generate_seconds > 0.0
     assert w.generate(queries, step=2, shard=0).scores is None
     with pytest.raises(ValueError, match="needs a scorer"):
@@ -379,14 +380,14 @@ def test_rollout_scores_with_ray_actor_handle(ray_local, worker: RolloutWorker, 
 
     class RemoteWordCounter:
         # Defined inside the test so Ray ships it by value: Ray's workers cannot import this test module.
-        def score(self, texts: list[str]) -> list[float]:
-            return [float(text.lower().split().count("the")) for text in texts]
+        def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+            return [float((p + r).lower().split().count("the")) for p, r in zip(prompts, responses)]
 
     scorer = ray_local.remote(num_cpus=0)(RemoteWordCounter).remote()
     remote_worker = ray_local.remote(num_cpus=0)(RolloutWorker).remote(worker.settings, [scorer])
     out = ray_local.get(remote_worker.rollout.remote(queries, 6, 0, 60.0), timeout=120)
     assert out.responses == worker.generate(queries, step=6, shard=0).responses
-    assert out.scores == WordCounter("the").score(out.texts)
+    assert out.scores == WordCounter("the").score(out.prompts, out.response_texts)
     info = ray_local.get(remote_worker.ping.remote(), timeout=60)
     assert info["node_id"] == ray_local.get_runtime_context().get_node_id()
     assert info["weight_version"] == 0 and info["device"] == "cpu"

@@ -42,6 +42,7 @@ from modelhost.loading import check_weights
 from learner.orchestration.recovery import LearnerLost, RayCalls, Recovery, RunError
 from learner.records.rundir import RunDir
 from learner.core.learner import NonFiniteError
+from rewards.sources import RewardFunction, RewardSourceError, load_function
 
 log = logging.getLogger("learner.orchestration.driver")
 
@@ -68,12 +69,60 @@ def check_models(cfg: Config) -> None:
         raise ConfigError(f"rollout.policy: '{cfg.policy}' is a {heads[0]}, not a causal language model; pass a "
                           "policy such as a GPT-2 save_pretrained folder")
     check_weights(cfg.policy, "rollout.policy")
-    check_weights(cfg.reward.model, "reward.model")
-    reward = load_pretrained(AutoConfig, cfg.reward.model, "reward.model")
-    labels = list((reward.label2id or {}).keys())
-    if cfg.reward.positive_label not in labels:
-        raise ConfigError(f"reward.positive_label: the reward model has no label '{cfg.reward.positive_label}' "
-                          f"(labels: {', '.join(labels) or 'none'}); set reward.positive_label")
+
+
+def check_rewards(cfg: Config, functions: dict[str, RewardFunction] | None = None) -> None:
+    """Every reward source before any actor starts: a classifier's weights, config and label, a
+    Python function imported (the working directory searched too) and callable as
+    NAME(prompts, responses)."""
+    from transformers import AutoConfig
+
+    for spec in cfg.reward.source_specs():
+        where = f"reward.sources '{spec.name}'" if cfg.reward.sources else f"reward.{spec.kind}"
+        if spec.model:
+            label = spec.positive_label or cfg.reward.positive_label
+            what = f"{where}: model" if cfg.reward.sources else "reward.model"
+            check_weights(spec.model, what)
+            reward = load_pretrained(AutoConfig, spec.model, what)
+            labels = list((reward.label2id or {}).keys())
+            if label not in labels:
+                where = where if cfg.reward.sources else "reward.positive_label"
+                raise ConfigError(f"{where}: the reward model has no label '{label}' (labels: "
+                                  f"{', '.join(labels) or 'none'}); set reward.positive_label")
+        elif spec.function:
+            try:
+                load_function(spec.function, functions)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from None
+
+
+class RewardFailed(RunError):
+    """A reward source failed or answered wrongly in the rollout of ``step`` (0-based); the
+    message names the source and the step."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def reward_failure(err: BaseException | None) -> str | None:
+    """The one line of a RewardSourceError under a failed rollout call (Ray wraps it once per
+    actor it crossed: the reward actor's, then the rollout actor's), or None."""
+    while err is not None:
+        cause = getattr(err, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        err = cause
+    return str(err).splitlines()[0] if isinstance(err, RewardSourceError) and str(err) else None
+
+
+def source_means(rollouts: list[Rollout], prefix: str = "env/reward/") -> dict[str, float]:
+    """<prefix><name>: each reward source's mean over the whole batch (every shard)."""
+    out = {}
+    for name in rollouts[0].source_scores:
+        values = [v for r in rollouts for v in r.source_scores[name]]
+        out[f"{prefix}{name}"] = sum(values) / len(values)
+    return out
 
 
 def check_context(cfg: Config, longest_query: int) -> None:
@@ -95,7 +144,8 @@ class Driver:
     """The training loop over the actors. Each step: broadcast, rollout, update, log."""
 
     def __init__(self, cfg: Config, run: RunDir, stream: PromptStream, tokenizer,
-                 eval_queries: list[list[int]] | None = None) -> None:
+                 eval_queries: list[list[int]] | None = None,
+                 functions: dict[str, RewardFunction] | None = None) -> None:
         from learner.orchestration import placement
         from learner.records.metrics import RunMetrics
 
@@ -103,7 +153,7 @@ class Driver:
         self.eval_queries = eval_queries  # run.eval_every: the fixed held-out prompts
         roles = placement.resolve_roles(cfg)
         pg = placement.reserve(cfg, roles)
-        self.fleet = placement.spawn(cfg, roles, pg)
+        self.fleet = placement.spawn(cfg, roles, pg, functions)
         self.recovery = Recovery(self.fleet, RayCalls(), cfg.cluster.call_timeout_s, cfg.cluster.max_failures,
                                  start_learner=lambda: placement.spawn_learner(
                                      cfg, roles, pg, name=f"learner-{self.recovery.deaths}"))
@@ -121,7 +171,7 @@ class Driver:
         t0 = time.perf_counter()
         sent = self.weights.send()
         t1 = time.perf_counter()
-        evaluation = self.evaluate(sent) if self.eval_queries and step % self.cfg.run.eval_every == 0 else {}
+        evaluation = self.evaluate(sent, step) if self.eval_queries and step % self.cfg.run.eval_every == 0 else {}
         # The step's own clock leaves the evaluation out, so its times and throughput compare across steps.
         t0, t1 = t0 + evaluation.get("time/eval", 0.0), t1 + evaluation.get("time/eval", 0.0)
         queries, rollouts = self.prefetched or self.rollout(self.stream.next_batch(), step, sent)
@@ -135,6 +185,7 @@ class Driver:
             self.prefetched = self.rollout(self.stream.next_batch(), step + 1, sent)
         stats = self.recovery.learner_call(update, "PPO step")
         stats.update(step_stats(step, rollouts, sent, (t0, t1, t2, time.perf_counter()), self.cfg.ppo.batch_size))
+        stats.update(source_means(rollouts))
         stats["failures"] = self.recovery.deaths
         stats.update(evaluation)
         if self.recovery.deaths != self.recorded_deaths:  # restarted actors: actors.json names their new processes
@@ -142,17 +193,33 @@ class Driver:
         def decode(ids: list[int]) -> str:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+        sources = {name: [v for ro in rollouts for v in ro.source_scores[name]] for name in rollouts[0].source_scores}
         self.run.log_step(stats, {"step": step, "scores": scores, "queries": [decode(q) for q in queries],
-                                  "responses": [decode(r) for r in responses]})
+                                  "responses": [decode(r) for r in responses], "sources": sources})
         self.metrics.record(stats, {f"rollout-{i}": sent.version - r.weight_version for i, r in enumerate(rollouts)})
         return stats
 
-    def rollout(self, queries: list[list[int]], step: int, sent: Sent, what: str = "rollout") -> Batch:
-        """Every shard's Rollout, in shard order, each checked to come from the weights sent."""
+    def rollout(self, queries: list[list[int]], step: int, sent: Sent, what: str = "rollout",
+                for_step: int | None = None) -> Batch:
+        """Every shard's Rollout, in shard order, each checked to come from the weights sent.
+        ``for_step``: the training step an evaluation's rollout runs in (its own ``step`` is EVAL_STEP)."""
         timeout = self.cfg.cluster.call_timeout_s
         shards = shard_bounds(len(queries), len(self.fleet.rollouts))
         calls = {i: (lambda i=i, a=a, b=b: self.fleet.rollouts[i].rollout.remote(queries[a:b], step, i, timeout))
                  for i, (a, b) in enumerate(shards)}
+        at = step if for_step is None else for_step  # the training step this rollout belongs to
+        try:
+            rollouts = self._gathered(calls, sent, what)
+        except RunError as err:
+            failure = reward_failure(err.__cause__)
+            if failure is None:
+                raise
+            raise RewardFailed(f"step {at + 1}{'' if what == 'rollout' else f' ({what})'}: {failure}", at) from None
+        verify(rollouts, sent)
+        return queries, rollouts
+
+    def _gathered(self, calls: dict[int, Any], sent: Sent, what: str) -> list[Rollout]:
+        """Every shard's Rollout; a rollout actor restarted between two calls redoes its shard."""
         rollouts = self.recovery.gather(calls, what, self.weights.resend)
         stale = [i for i, r in enumerate(rollouts) if r.weight_version != sent.version]
         if stale:  # restarted between two calls, so no call failed: told by the process id it reports
@@ -161,18 +228,18 @@ class Driver:
             self.weights.resend(redo)
             again = self.recovery.gather({i: calls[i] for i in redo}, what, self.weights.resend)
             rollouts = [again[redo.index(i)] if i in redo else r for i, r in enumerate(rollouts)]
-        verify(rollouts, sent)
-        return queries, rollouts
+        return rollouts
 
-    def evaluate(self, sent: Sent) -> dict[str, float]:
+    def evaluate(self, sent: Sent, step: int) -> dict[str, float]:
         """The held-out prompts, sampled by the same rollout actors and scored by the same reward
-        actors as training, with the weights just sent and the same seeds every time."""
+        actors as training, with the weights just sent and the same seeds every time (at the
+        start of training step ``step``); each reward source's mean as eval/reward/<name>."""
         t0 = time.perf_counter()
-        _, rollouts = self.rollout(self.eval_queries, EVAL_STEP, sent, what="evaluation")
+        _, rollouts = self.rollout(self.eval_queries, EVAL_STEP, sent, what="evaluation", for_step=step)
         scores = np.array([s for ro in rollouts for s in ro.scores], dtype=np.float64)
         return {"eval/reward_mean": float(scores.mean()),
                 "eval/reward_std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
-                "time/eval": time.perf_counter() - t0}
+                **source_means(rollouts, prefix="eval/reward/"), "time/eval": time.perf_counter() - t0}
 
     def replace_learner(self, reason: str, ckpt: Path | None = None) -> int:
         """A new learner in the lost one's bundle, at ``ckpt`` (default: the newest good
@@ -197,7 +264,8 @@ class Driver:
 
     def invariants(self) -> dict[str, Any]:
         """What a resume of this run cannot change, as the checkpoint's manifest records it."""
-        return {name: get_path(self.cfg, name) for name in FROZEN_ON_RESUME}
+        plain = lambda v: [asdict(x) for x in v] if isinstance(v, list) else v  # noqa: E731 - reward.sources
+        return {name: plain(get_path(self.cfg, name)) for name in FROZEN_ON_RESUME}
 
     # ---------------------------------------------------------------- files
 
@@ -313,10 +381,13 @@ def run_steps(driver: Driver, cfg: Config, start: int, steps: int) -> Path:
 
 
 def _steps(driver: Driver, cfg: Config, at: Progress, steps: int) -> None:
-    """The steps from ``at.step`` on; a non-finite value stops the run, its state saved where it can be."""
+    """The steps from ``at.step`` on; a non-finite value or a failed reward source stops the run,
+    its state saved where it can be."""
     while at.step < steps:
         try:
             stats = driver.train_step(at.step, steps)
+        except RewardFailed as err:
+            raise RunError(f"{err}; {_after_reward_failure(driver, err.step == at.step, at)}") from None
         except NonFiniteError as err:
             raise RunError(f"{err.what} at step {at.step + 1}; {_saved_after(driver, err, at)}") from None
         at.timed += 1
@@ -351,9 +422,21 @@ def held_out(cfg: Config, stream: PromptStream) -> list[list[int]]:
     return queries
 
 
-def train(cfg: Config) -> Path:
+def _after_reward_failure(driver: Driver, own_rollout: bool, at: Progress) -> str:
+    """Where the run can continue from after a reward source failed. In the step's own rollout
+    (or its evaluation) the learner is untouched, so the state before the step is saved, unless a
+    checkpoint of it exists (never rewritten); in the next step's rollout, generated during this
+    step's update (ppo.max_lag=1), the update is in flight: the newest checkpoint is the last good state."""
+    saved = {c.name for c in checkpoint.list_checkpoints(driver.run.path)}
+    if own_rollout and f"{checkpoint.PREFIX}{at.step:06d}" not in saved:
+        return _saved_after(driver, NonFiniteError("a failed reward", intact=True), at)
+    return f"the last good checkpoint is step {at.last_ckpt}" if saved else "no checkpoint was written yet"
+
+
+def train(cfg: Config, functions: dict[str, RewardFunction] | None = None) -> Path:
     """1. data and checks  2. Ray and actors  3. resume  4. the steps  5. checkpoint + policy
-    6. report."""
+    6. report. ``functions``: Python reward functions given as objects, by the reward.function
+    string that names them (learner.train(reward=...))."""
     import ray
 
     from learner.orchestration import placement
@@ -365,6 +448,7 @@ def train(cfg: Config) -> Path:
         for note in notes:
             print(f"warning: {note}", file=sys.stderr, flush=True)
     check_models(cfg)
+    check_rewards(cfg, functions)
     tokenizer = load_tokenizer(cfg.policy)
     stream = PromptStream(load_texts(cfg.data.dataset, cfg.data.split, cfg.data.text_column), tokenizer,
                           cfg.data, cfg.ppo.batch_size, cfg.run.seed)
@@ -381,7 +465,7 @@ def train(cfg: Config) -> Path:
     info = placement.connect(cfg, namespace=f"ppo-{run.path.name}")
     print(f"Ray dashboard: {info['dashboard_url'] or 'not running'}  |  run directory: {run.path}", flush=True)
     try:
-        driver = Driver(cfg, run, stream, tokenizer, eval_queries)
+        driver = Driver(cfg, run, stream, tokenizer, eval_queries, functions)
         for name, where in driver.plan.items():
             print(f"plan: {name:<10} on {where['node']}  {where['gpus']:g} GPU  {where['cpus']:g} CPU  "
                   f"({where['device']})", flush=True)
@@ -402,7 +486,7 @@ def train(cfg: Config) -> Path:
     if cfg.run.report_queries:
         from learner.records.report import make_report
 
-        report = make_report(run.path, n_queries=cfg.run.report_queries, seed=cfg.run.seed)
+        report = make_report(run.path, n_queries=cfg.run.report_queries, seed=cfg.run.seed, functions=functions)
         print(f"reward figure: {report['figure']}  |  before/after table: {report['markdown']}  "
               f"(mean reward {report['mean_before']:+.3f} -> {report['mean_after']:+.3f})", flush=True)
     return run.path

@@ -197,8 +197,9 @@ def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "le
              exit_on_rank_loss=True)
 
 
-def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Fleet:
-    """Named actors in the run's bundles: 'learner', 'rewards-<i>', 'rollout-<i>'."""
+def spawn(cfg: Config, roles: Roles, pg: PlacementGroup, functions: dict[str, Any] | None = None) -> Fleet:
+    """Named actors in the run's bundles: 'learner', 'rewards-<i>', 'rollout-<i>'. ``functions``:
+    Python reward functions given as objects (Ray pickles them by value where they cannot be imported)."""
     n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
     at = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
     learner_threads, t = threads(cfg)
@@ -212,7 +213,7 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup) -> Fleet:
             name=f"rewards-{i}", num_cpus=0, num_gpus=roles.reward_gpus, max_concurrency=64,
             max_restarts=cfg.cluster.max_failures,
             scheduling_strategy=at(1 + n + i),
-        ).remote(reward_settings, callers=len(range(i, n, r)))  # rollout actor k scores with replica k % r
+        ).remote(reward_settings, callers=len(range(i, n, r)), functions=functions)  # rollout actor k scores with replica k % r
         for i in range(r)
     ]
     rollout_settings = cfg.rollout.for_actor(seed=cfg.run.seed, torch_threads=t)

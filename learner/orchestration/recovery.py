@@ -151,7 +151,8 @@ class Recovery:
                 continue
             except Exception as err:  # noqa: BLE001 - Ray raises many types; is_lost sorts them
                 if not self.is_lost(err):  # a real error in the call, not a lost actor
-                    raise RunError(f"{what} on rollout-{i} failed: {one_line(err)}") from None
+                    # the error stays the cause: the driver tells a reward source's failure apart
+                    raise RunError(f"{what} on rollout-{i} failed: {one_line(err)}") from err
                 failure = err
             restarted = self.count_deaths(failure, f"{what} of rollout-{i}")
             redone[i] += 1

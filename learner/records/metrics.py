@@ -3,7 +3,8 @@
 Ray exports them to Prometheus with a ``ray_`` prefix (``ray_ppo_reward_mean``...); the
 dashboard's Metrics view shows them once Grafana is attached (README, "Watching a run"), and
 cluster/grafana/ppo-dashboard.json plots them. The reward actors export
-``ppo_reward_batch_size`` themselves.
+``ppo_reward_batch_size`` themselves. Each reward source's mean (``env/reward/<name>``) is
+``ppo_reward_source_mean`` with a ``source`` label.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ GAUGES = {
     "ppo_step": ("step", "steps done"),
     "ppo_eval_reward_mean": ("eval/reward_mean", "mean reward on the fixed held-out prompts (run.eval_every)"),
 }
+SOURCE_PREFIX = "env/reward/"  # env/reward/<name>: one reward source's mean
 PHASES = ("broadcast", "generate", "score", "rollout", "update", "step", "eval")
 
 
@@ -36,8 +38,11 @@ class RunMetrics:
         self.gauges = {name: Gauge(name, description=desc, tag_keys=tags) for name, (_, desc) in GAUGES.items()}
         self.last: dict[str, float] = {}  # each gauge's latest value (and each phase's), set again every step
         self.last_phases: dict[str, float] = {}
+        self.last_sources: dict[str, float] = {}
         self.phase = Gauge("ppo_phase_seconds", description="seconds per phase of the last step",
                            tag_keys=("run", "phase"))
+        self.source = Gauge("ppo_reward_source_mean", description="mean score of one reward source in the step's batch",
+                            tag_keys=("run", "source"))
         self.lag = Gauge("ppo_weight_version_lag", description="learner version minus the rollout actor's",
                          tag_keys=("run", "actor"))
 
@@ -46,9 +51,13 @@ class RunMetrics:
         # exporting a gauge not set within its TTL, and Prometheus would then mark the series stale.
         self.last.update({name: float(stats[key]) for name, (key, _) in GAUGES.items() if key in stats})
         self.last_phases.update({phase: float(stats[f"time/{phase}"]) for phase in PHASES if f"time/{phase}" in stats})
+        self.last_sources.update({key[len(SOURCE_PREFIX):]: float(value) for key, value in stats.items()
+                                  if key.startswith(SOURCE_PREFIX)})
         for name, value in self.last.items():
             self.gauges[name].set(value, tags=self.run)
         for phase, seconds in self.last_phases.items():
             self.phase.set(seconds, tags={**self.run, "phase": phase})
+        for source, value in self.last_sources.items():
+            self.source.set(value, tags={**self.run, "source": source})
         for actor, lag in lags.items():
             self.lag.set(float(lag), tags={**self.run, "actor": actor})

@@ -261,17 +261,19 @@ def _split(text: str, prefix: str) -> tuple[str, str]:
 
 def before_after_rows(cfg: "Config", tuned_policy: str | Path, n_queries: int = 16, seed: int = 0,
                       initial_policy: str | Path | None = None, torch_threads: int | None = None,
-                      scorer: Any = None) -> list[dict[str, Any]]:
+                      scorer: Any = None, functions: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The before/after table: one dict per held-out query.
 
     Keys: query, response_before, reward_before, response_after, reward_after (the table), plus
     text_before / text_after (exactly what the reward model read: decode(query + response),
     special tokens skipped), query_ids, response_ids_before / _after and review_index.
     ``query + response_before == text_before`` (and likewise after) holds for every row, so
-    the rewards can be checked by re-scoring ``query + response``.
+    the rewards can be checked by re-scoring ``query + response``. The reward is the run's
+    (``rewards.sources.RewardMix``; ``functions``: its Python functions given as objects), or
+    ``scorer.score(texts)`` when a scorer is given.
     """
     from learner.core.models import load_tokenizer
-    from rewards.scorer import SentimentScorer
+    from rewards.sources import RewardMix
 
     initial = str(initial_policy or cfg.rollout.policy)
     tokenizer = load_tokenizer(initial)
@@ -281,8 +283,10 @@ def before_after_rows(cfg: "Config", tuned_policy: str | Path, n_queries: int = 
     if scorer is None:
         import dataclasses
 
-        scorer = SentimentScorer(dataclasses.replace(cfg.reward, torch_threads=_threads(torch_threads)))
-    scores = scorer.score(list(before.texts) + list(after.texts))
+        mix = RewardMix(dataclasses.replace(cfg.reward, torch_threads=_threads(torch_threads)), functions)
+        scores, _ = mix.score(before.prompts + after.prompts, before.response_texts + after.response_texts)
+    else:
+        scores = scorer.score(list(before.texts) + list(after.texts))
     rewards_before, rewards_after = scores[:n_queries], scores[n_queries:]
 
     rows = []
@@ -349,8 +353,16 @@ def write_markdown(rows: list[dict], path: Path, title: str, note: str) -> Path:
 
 # ----------------------------------------------------------------------------- all of it
 
+def reward_words(cfg: "Config") -> str:
+    """The run's reward in words, for the table's note."""
+    r = cfg.reward
+    if not (r.function or r.url or r.sources):
+        return f"{r.positive_label} logit of `{r.model}` on query + response"
+    return " + ".join(f"{s.weight:g} * {s.name} (`{s.model or s.function or s.url}`)" for s in r.source_specs())
+
+
 def make_report(run_dir: Path, n_queries: int = 16, seed: int = 0,
-                torch_threads: int | None = None) -> dict[str, Any]:
+                torch_threads: int | None = None, functions: dict[str, Any] | None = None) -> dict[str, Any]:
     """Writes reward.png, before_after.md and before_after.csv into run_dir.
 
     Returns their paths ("figure" is None when the run logged no rewards yet), the table's
@@ -367,12 +379,12 @@ def make_report(run_dir: Path, n_queries: int = 16, seed: int = 0,
         log.warning("%s; %s not written", err, FIGURE)
         figure = None
 
-    rows = before_after_rows(cfg, run_dir / "policy", n_queries, seed, torch_threads=torch_threads)
+    rows = before_after_rows(cfg, run_dir / "policy", n_queries, seed, torch_threads=torch_threads,
+                             functions=functions)
     note = (f"{n_queries} held-out queries from the `{cfg.data.eval_split}` split of `{cfg.data.dataset}` "
             f"(seed {seed}), "
             f"continued by the initial policy `{cfg.rollout.policy}` (before) and the tuned `{run_dir / 'policy'}` "
-            f"(after), with the same sampling seed; reward = POSITIVE logit of `{cfg.reward.model}` on "
-            "query + response.")
+            f"(after), with the same sampling seed; reward = {reward_words(cfg)}.")
     md = write_markdown(rows, run_dir / TABLE_MD, cfg.run.name or run_dir.name, note)
     table = write_csv(rows, run_dir / TABLE_CSV)
     return {"figure": figure, "markdown": md, "csv": table, **summary(rows), "rows": rows}
