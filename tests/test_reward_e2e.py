@@ -96,6 +96,19 @@ def test_mix_statistics_in_stats_and_tensorboard(mix_run) -> None:
     assert len(events.Scalars("env/reward/the")) == MIX_STEPS
 
 
+def test_mix_is_recorded_for_resume(mix_run) -> None:
+    """The checkpoint's manifest holds the mix (plain JSON); a resume keeps it and refuses another."""
+    from learner.api import settings_of
+    from learner.config import ConfigError
+
+    run, _ = mix_run
+    cfg = settings_of({"run.resume": str(run.run_dir), "run.steps": MIX_STEPS + 1})
+    assert [(s.name, s.weight) for s in cfg.reward.sources] == list(WEIGHTS.items())
+    changed = [{"name": "the", "weight": 2.0, "function": "tests.reward_functions:the_count"}]
+    with pytest.raises(ConfigError, match="reward.sources cannot change on --resume"):
+        settings_of({"run.resume": str(run.run_dir), "reward": {"sources": changed}})
+
+
 @pytest.fixture(scope="module")
 def failing_run(tmp_path_factory, policy_dir: Path, imdb_dir: Path) -> DriverRun:
     """A function reward that raises in step 2 of 3, with a checkpoint after every step (so the
