@@ -170,3 +170,13 @@ def test_readme_python_api_example_runs(tmp_path: Path, shared_dir: Path) -> Non
     stats = DriverRun(run_dir, 0, "").stats()
     assert len(stats) == 2 and all("env/reward/says_great" in s for s in stats)
     assert (run_dir / "policy").is_dir()
+
+
+def test_evaluation_logs_each_sources_mean(quick_run: DriverRun) -> None:
+    """run.eval_every: each reward source's mean on the held-out prompts, beside eval/reward_mean
+    (the recipe's one source, weight 1: the same mean)."""
+    rows = [s for s in quick_run.stats() if "eval/reward_mean" in s]
+    assert rows
+    for s in rows:
+        assert s["eval/reward/model"] == pytest.approx(s["eval/reward_mean"], abs=1e-9)
+    assert all("eval/reward/model" not in s for s in quick_run.stats() if "eval/reward_mean" not in s)
