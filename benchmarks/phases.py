@@ -60,8 +60,8 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
     workers = [RolloutWorker(cfg.rollout.for_actor(seed=cfg.run.seed, torch_threads=rollout_threads))
                for _ in range(n)]
     scorer = SentimentScorer(cfg.reward.for_actor(torch_threads=learner_threads))
-    learner = LearnerActor(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads,
-                         processes=cfg.cluster.learner_processes)
+    # One learner rank here (its DDP peers are Ray actors in the system), with a rank's threads.
+    learner = LearnerActor(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads)
     shards = shard_bounds(cfg.ppo.batch_size, n)
     rows = []
     for step in range(steps):

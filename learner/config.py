@@ -219,10 +219,10 @@ class ClusterConfig:
     learner_cpus: float = 1.0
     """CPUs reserved for the learner actor (it does the heavy CPU work when there is no GPU)"""
     learner_processes: int = 1
-    """data-parallel processes of a CPU learner on its node (learner/core/ranks.py): each takes its
-    share of every minibatch's rows and of the learner's threads, gradients are summed; the same step as
-    one process. Small models keep more cores busy this way (BENCHMARKS.md); a learner on a GPU runs as
-    one process whatever this says"""
+    """data-parallel ranks of the learner, each a Ray actor in its own bundle (learner_cpus and
+    learner_gpus each) in one torch DDP group (gloo on CPU, NCCL on GPU): each steps on its share of
+    every minibatch's rows, DDP averages the gradients; the same step as one rank. On GPU give each rank
+    a GPU of its own. On CPU, small models keep more cores busy this way (BENCHMARKS.md)"""
     torch_threads: int = 0
     """torch threads per actor (0: the learner and the reward actors use every core of their node, as they
     compute one at a time; rollout actors, which generate at the same time, cores / num_rollout_workers)"""
@@ -365,6 +365,9 @@ class Config:
             if typ is float and not math.isfinite(value):
                 raise ConfigError(f"{name} ({value}) must be a finite number")
         p, c = self.ppo, self.cluster
+        if c.learner_processes > p.mini_batch_size:
+            raise ConfigError(f"cluster.learner_processes ({c.learner_processes}) exceeds ppo.mini_batch_size "
+                              f"({p.mini_batch_size}): each learner rank needs at least one row of every minibatch")
         if c.num_rollout_workers > p.batch_size:
             raise ConfigError(f"cluster.num_rollout_workers ({c.num_rollout_workers}) exceeds ppo.batch_size "
                               f"({p.batch_size}): each rollout actor needs at least one query per step")

@@ -119,9 +119,9 @@ def _replaced_once_from_step_2(proc: subprocess.Popen, run_dir: Path) -> DriverR
 
 @pytest.mark.timeout(900)
 def test_killed_learner_rank_makes_the_learner_replaced(tmp_path: Path):
-    """cluster.learner_processes=2: SIGKILL the learner's second rank during step 4. The learner
-    actor exits rather than wait on a rank that is gone, and the driver replaces it (with both
-    ranks) from the step-2 checkpoint, as it does any lost learner."""
+    """cluster.learner_processes=2: SIGKILL the learner's second DDP rank (its own Ray actor)
+    during step 4. The driver sees the rank lost rather than wait on rank 0's collective, and
+    replaces the whole group from the step-2 checkpoint, as it does any lost learner."""
     args = [*REF, "--run.checkpoint_every", "2", "--cluster.learner_processes", "2"]  # as stand-in-quick.yaml
     proc = _start(args, tmp_path, "rank")
     try:

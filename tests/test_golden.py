@@ -50,27 +50,53 @@ def _ppo_config(settings: dict) -> PPOConfig:
     return PPOConfig(**{k: v for k, v in settings.items() if k in known})
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-ranks"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference(case: Path, processes: int):
-    """With 2 processes (cluster.learner_processes) each rank has its own rows of every
-    minibatch, and the sums over ranks must give the reference's step within the same tolerances."""
+def test_matches_reference(case: Path):
     spec = json.loads((case / "case.json").read_text())
-    # Cases with several minibatches per epoch record the reference's row order of each epoch;
-    # the learner takes them through its row-order seam. Others let it draw its own.
-    recorded = iter([perm for step in spec["steps"] for perm in step.get("permutations", [])])
-    row_order = (lambda n: next(recorded)) if "permutations" in spec["steps"][0] else None
     learner = LearnerActor(str(case / "policy"), _ppo_config(spec["ppo"]), seed=spec["ppo"].get("seed", 0),
-                         device="cpu", row_order=row_order, processes=processes, torch_threads=processes)
+                           device="cpu", row_order=_row_order(spec), torch_threads=1)
+    params = lambda: {k: v.detach() for k, v in learner.learner.model.named_parameters()}  # noqa: E731
+    _replay(case, spec, lambda *batch: learner.step(*batch), params)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_matches_reference_with_2_ddp_ranks(case: Path, ray_local):
+    """cluster.learner_processes=2 as a run places it: two learner actors in one DDP group (gloo),
+    each stepping on its half of every minibatch's rows; rank 0's statistics and weights must be
+    the reference's within the same tolerances, and rank 1 must hold rank 0's weights."""
+    from learner.orchestration.placement import join_ranks
+
+    spec = json.loads((case / "case.json").read_text())
+    ranks = [ray_local.remote(LearnerActor).options(num_cpus=0).remote(
+        str(case / "policy"), _ppo_config(spec["ppo"]), seed=spec["ppo"].get("seed", 0), device="cpu",
+        row_order=_row_order(spec), torch_threads=1, rank=r, world=2) for r in range(2)]
     try:
-        _replay(case, spec, learner)
+        join_ranks(ranks, timeout_s=120)
+        step = lambda *batch: ray_local.get([r.step.remote(*batch) for r in ranks], timeout=300)[0]  # noqa: E731
+        _replay(case, spec, step, lambda: _state_params(ray_local.get(ranks[0].state_bytes.remote(), timeout=60)))
+        prints = ray_local.get([r.weights_fingerprint.remote() for r in ranks], timeout=60)
+        assert prints[0] == prints[1]
     finally:
-        learner.close()
+        for r in ranks:
+            ray_local.kill(r)
 
 
-def _replay(case: Path, spec: dict, learner: LearnerActor) -> None:
+def _row_order(spec: dict):
+    """Cases with several minibatches per epoch record the reference's row order of each epoch;
+    the learner takes them through its row-order seam. Others let it draw its own."""
+    recorded = iter([perm for step in spec["steps"] for perm in step.get("permutations", [])])
+    return (lambda n: next(recorded)) if "permutations" in spec["steps"][0] else None
+
+
+def _state_params(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return {k[len("model/"):]: v for k, v in load(files["learner.safetensors"]).items() if k.startswith("model/")}
+
+
+def _replay(case: Path, spec: dict, step_fn, params_fn) -> None:
     for n, step in enumerate(spec["steps"], start=1):
-        stats = learner.step(step["queries"], step["responses"], step["scores"])
+        stats = step_fn(step["queries"], step["responses"], step["scores"])
         bad = []
         for name, want in step["stats"].items():
             assert name in stats, f"step {n}: statistic {name} missing"
@@ -80,10 +106,10 @@ def _replay(case: Path, spec: dict, learner: LearnerActor) -> None:
         assert not bad, f"{case.name} step {n}:\n" + "\n".join(bad)
 
         expected = load_file(str(case / f"after_step{n}.safetensors"))
-        params = dict(learner.learner.model.named_parameters())
+        params = params_fn()
         assert set(expected) <= set(params), f"unknown parameters: {set(expected) - set(params)}"
-        worst = max((name for name in expected), key=lambda k: (params[k].detach() - expected[k]).abs().max())
-        diff = (params[worst].detach() - expected[worst]).abs().max().item()
+        worst = max((name for name in expected), key=lambda k: (params[k] - expected[k]).abs().max())
+        diff = (params[worst] - expected[worst]).abs().max().item()
         assert diff <= 1e-4, f"{case.name} step {n}: parameter {worst} differs by {diff:.2e}"
 
 

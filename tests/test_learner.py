@@ -1,7 +1,6 @@
 """The learner in one process: it learns, it saves what pipelines load, bad input fails clearly."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from transformers import pipeline
 from learner.config import PPOConfig
 from learner.core.models import ModelLoadError, VALUE_HEAD_FILE, load_policy
 from learner.core.actor import LearnerActor
-from learner.core.forward import TokenOutputs, pad_batch, reuse_first
+from learner.core.forward import pad_batch, share
 
 
 
@@ -118,53 +117,13 @@ def test_behaviour_logprobs_give_ratio_one_without_an_update_in_between(policy_d
     assert abs(lagged["ppo/policy/ratio_mean"] - 1.0) > 1e-4  # the policy moved since sampling
 
 
-def test_only_the_first_minibatch_reuses_the_rollout_pass():
-    """The rollout pass's outputs serve the very first minibatch (its rows, in its order) and no
-    later one, which runs after Adam has stepped; without them no minibatch reuses anything."""
-    outputs = TokenOutputs(torch.arange(8.0).reshape(4, 2), torch.zeros(4, 2), None)
-    batches = [torch.tensor([2, 0]), torch.tensor([1, 3]), torch.tensor([0, 1])]
-    pairs = list(reuse_first(iter(batches), outputs))
-    assert [idx for idx, _ in pairs] == batches
-    assert pairs[0][1].logp.tolist() == [[4.0, 5.0], [0.0, 1.0]]
-    assert pairs[0][1].entropy is None and [reused for _, reused in pairs[1:]] == [None, None]
-    assert [reused for _, reused in reuse_first(iter(batches), None)] == [None] * 3
-
-
-def test_ranks_take_identical_steps_and_a_lost_rank_is_an_error_not_a_hang(tiny_policy: Path):
-    """Two ranks (cluster.learner_processes=2): after a step with 3 minibatches per epoch (one rank
-    owns no row of some of them) both replicas hold the same weights, a bad batch is refused
-    on both and the ranks go on, and a killed rank makes the next step raise RankLost at once."""
-    from learner.core.ranks import RankLost
-
-    cfg = PPOConfig(batch_size=6, mini_batch_size=2, ppo_epochs=2)
-    learner = LearnerActor(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=2, processes=2)
-    try:
-        assert learner.ranks.own_rows(6) == (0, 3)
-        gen = torch.Generator().manual_seed(0)
-        queries = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16], [17, 18, 19]]
-        responses = _sample(learner, [q[:1] for q in queries], 4, gen)
-        with pytest.raises(ValueError, match="ppo.batch_size=6"):
-            learner.step(queries[:5], responses[:5], [0.0] * 5)
-        stats = learner.step(queries, responses, [1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
-        assert math.isfinite(stats["ppo/loss/total"])
-        assert learner.weights_agree()
-        learner.ranks.children[0].kill()
-        learner.ranks.children[0].wait()
-        with pytest.raises(RankLost, match="rank 1 .* exited"):
-            learner.step(queries, responses, [0.0] * 6)
-    finally:
-        learner.close()
-
-
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_ranks_rows_cover_the_batch_once_in_near_equal_shares(world: int):
-    """Every row of a batch belongs to exactly one rank, in order, and shares differ by at most
-    one row: the sums over ranks then count each row once."""
-    from learner.core.ranks import Ranks
-
-    for n in (0, 1, 4, 5, 7, 128):
-        shares = [Ranks(rank, world).own_rows(n) for rank in range(world)]
-        rows = [i for lo, hi in shares for i in range(lo, hi)]
-        assert rows == list(range(n)), (n, shares)
-        sizes = [hi - lo for lo, hi in shares]
-        assert max(sizes) - min(sizes) <= 1, (n, shares)
+def test_shares_cover_the_rows_once_in_order_in_near_equal_sizes(world: int):
+    """Every row of a minibatch belongs to exactly one rank, in order, and shares differ by at
+    most one row: gathering the ranks' shares in rank order gives the minibatch back."""
+    for n in (1, 4, 5, 7, 128):
+        idx = torch.randperm(n)
+        shares = [share(idx, rank, world) for rank in range(world)]
+        assert torch.equal(torch.cat(shares), idx), (n, shares)
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= 1, (n, sizes)

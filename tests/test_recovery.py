@@ -266,7 +266,7 @@ def _recovery(n_rollouts: int = 4, max_failures: int = 3):
     fleet = Fleet(FakeActor("learner"), [FakeActor(f"rollout-{i}") for i in range(n_rollouts)], [FakeActor("rewards-0")])
     new_learners = []
     rec = Recovery(fleet, FakeCalls(), timeout_s=5, max_failures=max_failures, poll_s=0,
-                   start_learner=lambda: new_learners.append(FakeActor("learner-2")) or new_learners[-1])
+                   start_learner=lambda: new_learners.append(FakeActor("learner-2")) or new_learners[-1:])
     rec.start()
     return rec, fleet, new_learners
 
@@ -329,6 +329,34 @@ def test_a_lost_learner_is_replaced_and_counted():
     new = rec.replace_learner("Died: the actor died unexpectedly")
     assert started == [new] and fleet.learner is new and rec.deaths == 1
     assert rec.pings["learner"]["pid"] == new.pid
+
+
+def test_a_lost_learner_rank_is_a_lost_learner_and_the_whole_group_is_replaced():
+    """A step runs on every rank. Rank 1 gone while rank 0's collective fails on it: the learner
+    is lost (not rank 0's error), and the replacement is a whole new group from start_learner."""
+    from learner.orchestration.recovery import LearnerLost
+
+    rec, fleet, _ = _recovery()
+    fleet.other_ranks = [FakeActor("learner-rank1")]
+    fleet.learner.fail = [TaskFailed(RuntimeError("Connection closed by peer"))]
+    fleet.other_ranks[0].fail, fleet.other_ranks[0].down = [Died("rank 1 died")], 10**6
+    with pytest.raises(LearnerLost, match="rank 1 died|restarting"):
+        rec.learner_all([r.step.remote() for r in fleet.learner_ranks], "PPO step")
+    group = [FakeActor("learner-1"), FakeActor("learner-1-rank1")]
+    rec.start_learner = lambda: group
+    assert rec.replace_learner("rank 1 died") is group[0] and fleet.learner_ranks == group
+
+
+def test_an_error_every_learner_rank_meets_is_raised_as_it_is():
+    rec, fleet, _ = _recovery()
+    fleet.other_ranks = [FakeActor("learner-rank1")]
+    for rank in fleet.learner_ranks:
+        rank.fail = [TaskFailed(ValueError("step needs ppo.batch_size=8 rollouts"))]
+    with pytest.raises(TaskFailed, match="batch_size=8"):
+        rec.learner_all([r.step.remote() for r in fleet.learner_ranks], "PPO step")
+    assert rec.deaths == 0
+    fleet.learner, fleet.other_ranks = FakeActor("learner"), [FakeActor("learner-rank1")]
+    assert rec.learner_all([r.step.remote(1) for r in fleet.learner_ranks], "PPO step") == "learner:step(1,)"
 
 
 def test_fingerprint_sees_a_change_in_any_slice_of_a_large_tensor():

@@ -1,30 +1,30 @@
 """The learner actor's body: a ``PPOLearner`` with what a run needs around it.
 
 The driver makes it an actor with ``ray.remote(LearnerActor)`` (so a cluster can place it on a
-GPU node) and talks to it alone. Besides the step it serves the learner's ranks (a CPU learner
-may run as several data-parallel processes, ``learner.core.ranks``), the weights and their
-fingerprint for the rollout actors, the checkpoint files and the exported policy.
-
-Child ranks run this module (``python -m learner.core.actor``): each builds the same learner
-as rank 0 and runs what rank 0 sends until told to stop.
+GPU node). A learner of several data-parallel ranks (``cluster.learner_processes``) is that
+many actors, one per bundle of the run's placement group: the driver asks rank 0 where the
+group meets (``rendezvous``), every rank joins it (``join``: gloo on CPU, NCCL on GPU) and
+wraps its policy in ``DistributedDataParallel`` (``PPOLearner.join_group``). The driver then
+calls ``step`` and ``load_state_bytes`` on every rank, and everything else (weights and their
+fingerprint for the rollout actors, the checkpoint files, the exported policy) on rank 0 alone.
 """
 from __future__ import annotations
 
+import datetime
 import logging
-import os
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from actors.fingerprint import fingerprint
 from learner.config import PPOConfig
 from learner.core.forward import PaddedBatch, RowOrder, TokenOutputs
-from learner.core.learner import NonFiniteError, PPOLearner
+from learner.core.learner import PPOLearner
 from learner.core.models import save_policy
-from learner.core.ranks import Ranks
 from learner.core.state import pack_learner, unpack_learner
 from modelhost.process import process_info, resolve_device
 from modelhost.weights import distinct_tensors, numpy_copies
@@ -33,28 +33,15 @@ log = logging.getLogger(__name__)
 
 
 class LearnerActor:
-    """Rank 0 of the learner: the step on every rank; weights, checkpoints and export from here."""
+    """One rank of the learner: the step on every rank; weights, checkpoints and export from rank 0."""
 
     def __init__(self, policy: str, ppo_cfg: PPOConfig, seed: int = 0, device: str = "auto",
-                 torch_threads: int = 0, row_order: RowOrder | None = None, processes: int = 1,
-                 rank_timeout_s: float = 600.0, exit_on_rank_loss: bool = False, ranks: Ranks | None = None) -> None:
-        """``processes`` > 1 starts that many data-parallel ranks on this node, each with
-        ``torch_threads / processes`` threads; ``ranks`` is given to the ranks it starts."""
-        resolved = resolve_device(device)
-        if processes > 1 and resolved.type != "cpu":
-            # The placement gave this learner a GPU (cluster.learner_gpus=-1 fits the cluster): one process.
-            log.warning("cluster.learner_processes=%d is for a CPU learner; this one runs on %s, as one process",
-                        processes, resolved)
-            processes = 1
-        if processes > 1:
-            torch_threads = max(1, (torch_threads or os.cpu_count() or 1) // processes)
-            ranks = Ranks.start(processes, rank_timeout_s, exit_on_rank_loss, module=__name__)
-            ranks.send({"policy": policy, "ppo_cfg": ppo_cfg, "seed": seed, "device": "cpu",
-                        "torch_threads": torch_threads})
+                 torch_threads: int = 0, row_order: RowOrder | None = None, rank: int = 0, world: int = 1) -> None:
+        """``rank`` of ``world`` ranks; with world > 1 the learner steps only after ``join``."""
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.ranks = ranks or Ranks.single()
-        self.learner = PPOLearner(policy, ppo_cfg, seed, resolved, row_order, self.ranks)
+        self.rank, self.world = rank, world
+        self.learner = PPOLearner(policy, ppo_cfg, seed, resolve_device(device), row_order)
 
     @property
     def version(self) -> int:
@@ -64,23 +51,44 @@ class LearnerActor:
     def pad_id(self) -> int:
         return self.learner.pad_id
 
+    # ------------------------------------------------------------------ the ranks' group
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: (its node's address, a free port there), where every rank joins the group."""
+        try:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001 - outside Ray (tests): this machine
+            host = "127.0.0.1"
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return host, sock.getsockname()[1]
+
+    def join(self, address: tuple[str, int], timeout_s: float) -> None:
+        """Joins the ranks' process group (every rank calls this at once) and wraps the policy
+        in DDP, which starts every rank from rank 0's weights. A collective that waits longer
+        than ``timeout_s`` on a rank fails."""
+        host, port = address
+        backend = "nccl" if self.learner.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                world_size=self.world, timeout=datetime.timedelta(seconds=timeout_s))
+        self.learner.join_group()
+
+    def close(self) -> None:
+        """Leaves the process group (nothing to do for a one-rank learner)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     # ------------------------------------------------------------------ on every rank
 
     def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
              behaviour_logprobs: list[list[float]] | None = None) -> dict[str, float]:
-        """``PPOLearner.step`` on every rank; rank 0's statistics."""
-        self._tell_ranks("_step", queries, responses, scores, behaviour_logprobs)
-        return self._step(queries, responses, scores, behaviour_logprobs)
-
-    def _step(self, *args: Any) -> dict[str, float]:
-        return self.learner.step(*args)
+        """``PPOLearner.step``; every rank must run it with the same batch."""
+        return self.learner.step(queries, responses, scores, behaviour_logprobs)
 
     def load_state_bytes(self, files: dict[str, bytes]) -> int:
-        """Restores ``state_bytes``' files on every rank; nothing in them is unpickled. Returns the version."""
-        self._tell_ranks("_load_state_bytes", files)
-        return self._load_state_bytes(files)
-
-    def _load_state_bytes(self, files: dict[str, bytes]) -> int:
+        """Restores ``state_bytes``' files (every rank must); nothing in them is unpickled. Returns the version."""
         learner = self.learner
         meta, torch_rng = unpack_learner(files, learner.model, learner.optimizer)
         # Adam's state carries the saved run's learning rate; this run's setting wins, so
@@ -92,35 +100,6 @@ class LearnerActor:
         torch.set_rng_state(torch_rng)
         learner.version = meta["version"]
         return learner.version
-
-    def weights_agree(self) -> bool:
-        """Whether every rank holds exactly rank 0's weights (for tests and debugging)."""
-        self._tell_ranks("_weights_agree")
-        return self._weights_agree()
-
-    def _weights_agree(self) -> bool:
-        mine = torch.nn.utils.parameters_to_vector(self.learner.model.parameters()).detach()
-        differ = float(not torch.equal(mine, self.ranks.broadcast_(mine.clone())))
-        return self.ranks.sum_(torch.tensor([differ])).item() == 0
-
-    def _tell_ranks(self, method: str, *args: Any) -> None:
-        """Rank 0: every other rank runs ``method(*args)`` too (they wait in ``serve``)."""
-        if self.ranks.rank == 0 and self.ranks.world > 1:
-            self.ranks.send((method, args))
-
-    def serve(self) -> None:
-        """Ranks 1..: run what rank 0 sends until it says stop. Errors every rank meets alike
-        (a bad batch, a non-finite value) reach the driver from rank 0; this rank goes on."""
-        while (command := self.ranks.receive()) is not None:
-            method, args = command
-            try:
-                getattr(self, method)(*args)
-            except (ValueError, NonFiniteError) as err:
-                log.debug("rank %d: %s failed: %s", self.ranks.rank, method, err)
-
-    def close(self) -> None:
-        """Stops the learner's other ranks (a one-process learner has nothing to stop)."""
-        self.ranks.close()
 
     # ------------------------------------------------------------------ rank 0 alone
 
@@ -155,16 +134,5 @@ class LearnerActor:
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
     def ping(self) -> dict:
-        """pid, node, device and weight version, for the driver's start-up log and health checks."""
-        ranks = {"rank_pids": [c.pid for c in self.ranks.children]} if self.ranks.children else {}
-        return {**process_info(self.learner.device), "version": self.learner.version, **ranks}
-
-
-def serve_rank() -> None:
-    """Ranks 1..W-1: join the group, build the same learner as rank 0, then run what it sends."""
-    ranks = Ranks.join()
-    LearnerActor(**ranks.receive(), ranks=ranks).serve()
-
-
-if __name__ == "__main__":
-    serve_rank()
+        """pid, node, device, rank and weight version, for the driver's start-up log and health checks."""
+        return {**process_info(self.learner.device), "version": self.learner.version, "rank": self.rank}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -68,10 +68,9 @@ class TokenOutputs:
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
         return TokenOutputs(self.logp[idx], pick(self.values), pick(self.entropy))
 
-    def padded_rows(self, lo: int, n: int) -> "TokenOutputs":
-        """These rows as rows lo.. of n, the others zero (keeping grad)."""
-        pad = lambda x: None if x is None else torch.nn.functional.pad(x, (0, 0, lo, n - lo - len(x)))  # noqa: E731
-        return TokenOutputs(pad(self.logp), pad(self.values), pad(self.entropy))
+    def detach(self) -> "TokenOutputs":
+        keep = lambda x: None if x is None else x.detach()  # noqa: E731
+        return TokenOutputs(self.logp.detach(), keep(self.values), keep(self.entropy))
 
 
 RowOrder = Callable[[int], Sequence[int]]
@@ -85,17 +84,11 @@ def minibatches(order: Sequence[int], mini_batch_size: int) -> list[torch.Tensor
     return list(torch.split(order, mini_batch_size))
 
 
-def reuse_first(batches: Iterable[torch.Tensor], outputs: TokenOutputs | None
-                ) -> Iterator[tuple[torch.Tensor, TokenOutputs | None]]:
-    """Each minibatch's rows with the outputs it may use instead of its own forward pass.
-
-    ``outputs`` are the rollout pass's with-grad outputs (``PPOLearner`` keeps them with one
-    minibatch per epoch). Only the very first minibatch runs under the rollout weights, so it
-    gets their rows; every later one gets None: Adam has stepped since.
-    """
-    for idx in batches:
-        yield idx, None if outputs is None else outputs.rows(idx)
-        outputs = None
+def share(idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous slice of the rows ``idx`` among ``world`` ranks: the slices
+    cover ``idx`` once, in order, and differ in size by at most one row."""
+    n = len(idx)
+    return idx[n * rank // world:n * (rank + 1) // world]
 
 
 def scatter(flat: torch.Tensor, sel: torch.Tensor, start: int, width: int) -> torch.Tensor:

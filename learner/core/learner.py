@@ -3,13 +3,22 @@
 ``PPOLearner`` holds the policy with its value head, the frozen reference, Adam and the KL
 controller, and does one job: the forward passes and the step of docs/ppo-step.md, returning
 the reference's statistics under the reference's names (plus ``env/*`` and ``time/*``). The
-learner actor (``learner.core.actor``) adds what a run needs around it: its ranks, the weights
-for rollout actors, checkpoints and the exported policy.
+learner actor (``learner.core.actor``) adds what a run needs around it: the process group of
+its ranks, the weights for rollout actors, checkpoints and the exported policy.
+
+Data parallelism is torch's: once the actor has joined the ranks' process group
+(``join_group``), the with-grad policy pass is wrapped in ``DistributedDataParallel``. Every
+rank runs every step on its own contiguous slice of each minibatch's rows (``forward.share``);
+each slice's loss is its share of the whole minibatch's (``ppo.ppo_objective`` with the whole
+minibatch's token count) times the world size, so DDP's gradient average is the whole
+minibatch's gradient: the step the reference takes, up to the order of float sums. The no-grad
+passes and the statistics are gathered from every rank's rows, so rewards, advantages and the
+statistics are the whole batch's, computed by the same functions as with one rank.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,13 +26,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from learner.config import PPOConfig
 from learner.core import ppo
-from learner.core.forward import (PaddedBatch, RowOrder, TokenOutputs, forward, minibatches, pad_batch, reuse_first,
-                                  scatter)
-from learner.core.models import load_policy, load_tokenizer
-from learner.core.ranks import Ranks
+from learner.core.forward import (PaddedBatch, RowOrder, TokenOutputs, forward, minibatches, pad_batch, scatter,
+                                  share)
+from learner.core.models import PolicyWithValueHead, load_policy, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +78,27 @@ def _check_finite(what: str, tensor: torch.Tensor, intact: bool) -> None:
         raise NonFiniteError(f"non-finite {what}", intact)
 
 
+class PolicyPass(nn.Module):
+    """The policy's with-grad forward (log-probs, values, entropies) as one module call, so
+    ``DistributedDataParallel`` can wrap it and synchronise the gradients it produces."""
+
+    def __init__(self, model: PolicyWithValueHead, cfg: PPOConfig, device: torch.device) -> None:
+        super().__init__()
+        self.model, self.cfg, self.device = model, cfg, device
+
+    def forward(self, batch: PaddedBatch, with_entropy: bool) -> tuple:
+        out = forward(self.model.pretrained_model, batch, self.device, self.cfg.length_buckets, self.cfg.bf16,
+                      self.model.v_head, with_entropy)
+        return out.logp, out.values, out.entropy
+
+
 class PPOLearner:
     """The policy + value head, the frozen reference, Adam and the KL controller, and the step."""
 
     def __init__(self, policy: str, ppo_cfg: PPOConfig, seed: int = 0, device: torch.device | str = "cpu",
-                 row_order: RowOrder | None = None, ranks: Ranks | None = None) -> None:
-        """``ranks``: this process's place among the learner's data-parallel ranks (one rank
-        when None); each rank runs the step on its own rows of every minibatch."""
+                 row_order: RowOrder | None = None) -> None:
         torch.manual_seed(seed)
         self.cfg, self.device = ppo_cfg, torch.device(device)
-        self.ranks = ranks or Ranks.single()
         self.tokenizer = load_tokenizer(policy)
         self.model, self.ref_model = load_policy(policy, seed, str(self.device))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ppo_cfg.learning_rate)
@@ -87,9 +108,14 @@ class PPOLearner:
         self.row_order: RowOrder = row_order or self.rng.permutation  # checkpoints save self.rng's state
         self.version = 0  # bumped after every step's updates; rollouts report which they used
         self.pad_id = self.tokenizer.eos_token_id
-        if self.ranks.world > 1:  # every rank starts from rank 0's weights (they load the same files; make sure)
-            flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
-            torch.nn.utils.vector_to_parameters(self.ranks.broadcast_(flat), self.model.parameters())
+        self.rank, self.world = 0, 1
+        self.train_pass: nn.Module = PolicyPass(self.model, ppo_cfg, self.device)
+
+    def join_group(self) -> None:
+        """This learner becomes one rank of the default process group (the caller has
+        initialised it): DDP wraps the with-grad pass and starts every rank from rank 0's weights."""
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.train_pass = nn.parallel.DistributedDataParallel(self.train_pass, broadcast_buffers=False)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -100,26 +126,42 @@ class PPOLearner:
             return self._policy_forward(batch, with_entropy=True)
 
     def _policy_forward(self, batch: PaddedBatch, with_entropy: bool) -> TokenOutputs:
+        """Without DDP: for the no-grad passes, which synchronise nothing."""
         return forward(self.model.pretrained_model, batch, self.device, self.cfg.length_buckets, self.cfg.bf16,
                        self.model.v_head, with_entropy)
+
+    def _train_forward(self, batch: PaddedBatch) -> TokenOutputs:
+        """With grad, through DDP when there are several ranks."""
+        return TokenOutputs(*self.train_pass(batch, True))
 
     def _reference_logp(self, batch: PaddedBatch) -> torch.Tensor:
         with torch.no_grad():
             return forward(self.ref_model, batch, self.device, self.cfg.length_buckets, self.cfg.bf16).logp
 
-    def _rollout_pass(self, batch: PaddedBatch) -> tuple[TokenOutputs, TokenOutputs | None]:
-        """Old log-probs and values (detached) at the rollout weights, and the with-grad outputs
-        the first minibatch may reuse (see ``reuse_first``), or None.
+    # ------------------------------------------------------------------ rows over ranks
 
-        With one minibatch per epoch (the recipe) the first minibatch is the whole batch under
-        these same weights, so the reference computes the same forward pass twice; here it runs
-        once, with grad, and serves both. Otherwise the pass runs without grad.
-        """
-        if self.cfg.mini_batch_size == self.cfg.batch_size:
-            out = self._policy_forward(batch, with_entropy=True)
-            return TokenOutputs(out.logp.detach(), out.values.detach(), None), out
-        with torch.no_grad():
-            return self._policy_forward(batch, with_entropy=False), None
+    def _gather(self, part: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The rows of every rank's ``share`` of ``idx`` (this rank's are ``part``), in ``idx`` order."""
+        if self.world == 1:
+            return part
+        sizes = [len(share(idx, r, self.world)) for r in range(self.world)]
+        padded = torch.zeros((max(sizes), *part.shape[1:]), dtype=part.dtype, device=part.device)
+        padded[:len(part)] = part.detach()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+    def _orders(self) -> torch.Tensor:
+        """(ppo_epochs, B) row orders, rank 0's on every rank (each draws the same from the same
+        seed and checkpoint; the broadcast makes sure)."""
+        n = self.cfg.batch_size
+        orders = torch.tensor(np.asarray([self.row_order(n) for _ in range(self.cfg.ppo_epochs)]).reshape(-1, n),
+                              dtype=torch.long)
+        if self.world > 1:
+            on_device = orders.to(self.device)  # NCCL moves GPU tensors only
+            dist.broadcast(on_device, src=0)
+            orders = on_device.cpu()
+        return orders
 
     # ------------------------------------------------------------------ the PPO step
 
@@ -138,21 +180,27 @@ class PPOLearner:
         scores_t = torch.tensor(scores, dtype=torch.float32)
         _check_finite("reward scores", scores_t, intact=True)
         batch = pad_batch(queries, responses, self.pad_id)
-        old = self._rollout_values(batch, behaviour_logprobs)
+        cfg = self.cfg
+        epochs = [mb for order in self._orders() for mb in minibatches(order, cfg.mini_batch_size)]
+        old = self._rollout_values(batch, behaviour_logprobs, epochs[0])
         beta = float(self.kl_ctl.value)
         # 3. per-token rewards;  4. GAE + whitening
         rewards, non_score = ppo.kl_rewards(old.logp, old.ref_logp, scores_t.to(self.device), old.mask, beta)
-        values, advantages, returns = ppo.gae_advantages(old.values, rewards, old.mask, self.cfg.gamma, self.cfg.lam)
+        values, advantages, returns = ppo.gae_advantages(old.values, rewards, old.mask, cfg.gamma, cfg.lam)
         t1 = time.perf_counter()
-        # 5. epochs of minibatch updates
-        mb_stats = self._epochs(batch, old, values, advantages, returns)
+        # 5. epochs of minibatch updates; only the very first minibatch runs at the rollout
+        # weights, so only it may reuse the rollout pass (Adam has stepped before every later one)
+        mb_stats: list[dict[str, torch.Tensor]] = []
+        for k, idx in enumerate(epochs):
+            mb_stats.append(self._train_minibatch(batch, idx, old, values, advantages, returns,
+                                                  reused=old.reusable if k == 0 else None, intact=k == 0))
         self.version += 1
         t2 = time.perf_counter()
         # statistics, then 6. the KL controller update with this step's rollout KL
         stats = ppo.step_statistics(queries, responses, scores_t, old.logp.cpu(), old.ref_logp.cpu(),
                                     non_score.cpu(), old.mask.cpu(), beta, mb_stats)
         stats["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
-        self.kl_ctl.update(stats["objective/kl"], self.cfg.batch_size)
+        self.kl_ctl.update(stats["objective/kl"], cfg.batch_size)
         return {**stats, "time/learner/forward": t1 - t0, "time/learner/update": t2 - t1}
 
     def _check_batch(self, queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> None:
@@ -163,20 +211,37 @@ class PPOLearner:
         if any(len(r) == 0 for r in responses) or any(len(q) == 0 for q in queries):
             raise ValueError("every query and response needs at least one token")
 
-    def _rollout_values(self, batch: PaddedBatch, behaviour_logprobs: list[list[float]] | None) -> "_Old":
+    def _reuses_rollout_pass(self) -> bool:
+        """With one minibatch per epoch (the recipe) the first minibatch is the whole batch under
+        the rollout weights, so the reference computes the same forward pass twice; here it runs
+        once, with grad, and serves both."""
+        return self.cfg.mini_batch_size == self.cfg.batch_size
+
+    def _rollout_values(self, batch: PaddedBatch, behaviour_logprobs: list[list[float]] | None,
+                        first: torch.Tensor) -> "_Old":
         """Steps 1-2 (eval mode: dropout off): reference log-probs, old log-probs and values.
 
-        Each rank runs the passes on its own rows; the no-grad results are summed into
-        whole-batch tensors, so rewards, advantages and statistics are the whole batch's."""
-        n, ranks = self.cfg.batch_size, self.ranks
-        mask = batch.mask.to(self.device)
-        lo, hi = ranks.own_rows(n)
-        own = batch if ranks.world == 1 else batch.rows(torch.arange(lo, hi))
-        logp_ref = ranks.from_rows(self._reference_logp(own), n)
-        old, reusable = self._rollout_pass(own)
-        logp_old, v_old = ranks.from_rows(old.logp, n), ranks.from_rows(old.values, n)
-        if reusable is not None and ranks.world > 1:  # rows placed where the whole batch has them
-            reusable = reusable.padded_rows(lo, n)
+        Each rank runs the passes on its share of the rows (of the first minibatch's order, when
+        that minibatch reuses the with-grad pass: its rows are then this rank's rows there);
+        the no-grad results are gathered into whole-batch tensors."""
+        n, mask = self.cfg.batch_size, batch.mask.to(self.device)
+        reuse = self._reuses_rollout_pass()
+        rows = first if reuse else torch.arange(n)
+        own = batch.rows(share(rows, self.rank, self.world))
+        reusable = None
+        if reuse:
+            reusable = self._train_forward(own)
+            old = reusable.detach()
+        else:
+            with torch.no_grad():
+                old = self._policy_forward(own, with_entropy=False)
+
+        def whole(part: torch.Tensor) -> torch.Tensor:
+            out = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device)
+            out[rows.to(part.device)] = self._gather(part, rows)
+            return out
+
+        logp_ref, logp_old, v_old = whole(self._reference_logp(own)), whole(old.logp), whole(old.values)
         if behaviour_logprobs is not None:
             flat = torch.tensor([lp for row in behaviour_logprobs for lp in row], device=self.device)
             logp_old = scatter(flat, mask.bool(), 0, mask.shape[1])
@@ -184,46 +249,45 @@ class PPOLearner:
             _check_finite(what, t[mask.bool()], intact=True)
         return _Old(logp_old, v_old, logp_ref, mask, reusable)
 
-    def _epochs(self, batch: PaddedBatch, old: "_Old", values: torch.Tensor, advantages: torch.Tensor,
-                returns: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """ppo_epochs passes over the batch in minibatches, rows in the order ``row_order`` gives
-        each epoch (rank 0's orders: every rank takes them, and each its own rows of a minibatch)."""
-        n, ranks, cfg = self.cfg.batch_size, self.ranks, self.cfg
-        lo, hi = ranks.own_rows(n)
-        orders = torch.tensor(np.asarray([self.row_order(n) for _ in range(cfg.ppo_epochs)]).reshape(-1, n)
-                              if ranks.rank == 0 else np.zeros((cfg.ppo_epochs, n)), dtype=torch.long)
-        epochs = (minibatches(order, cfg.mini_batch_size) for order in ranks.broadcast_(orders))
-        mb_stats: list[dict[str, torch.Tensor]] = []
-        for idx, reused in reuse_first(itertools.chain.from_iterable(epochs), old.reusable):
-            n_tokens = old.mask[idx].sum()  # the whole minibatch's, on every rank
-            if ranks.world > 1:
-                keep = (idx >= lo) & (idx < hi)
-                idx, reused = idx[keep], None if reused is None else reused.rows(keep)
-            mb_stats.append(self._train_minibatch(batch.rows(idx), old.logp[idx], values[idx], advantages[idx],
-                                                  returns[idx], n_tokens, intact=not mb_stats, outputs=reused))
-        return mb_stats
-
-    def _train_minibatch(self, mb: PaddedBatch, logp_old: torch.Tensor, v_old: torch.Tensor,
-                         advantages: torch.Tensor, returns: torch.Tensor, n_tokens: torch.Tensor, intact: bool,
-                         outputs: TokenOutputs | None = None) -> dict[str, torch.Tensor]:
-        mask = mb.mask.to(self.device)
-        if outputs is None and len(mask) == 0:  # this rank owns no row of the minibatch
-            outputs = TokenOutputs(mask.clone(), mask.clone(), mask.clone())
-        out_new = outputs or self._policy_forward(mb, with_entropy=True)
-        cfg = self.cfg
-        out = ppo.ppo_loss(out_new.logp, logp_old, out_new.values, v_old, advantages, returns, mask,
-                           out_new.entropy, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, cfg.ratio_threshold,
-                           n_tokens=n_tokens, total=self.ranks.total)
-        _check_finite("PPO loss", out.stats["loss/total"], intact)  # before backward: never step on NaN
-        if out.skipped:
-            log.warning("mean PPO ratio above ppo.ratio_threshold=%s: minibatch loss zeroed", cfg.ratio_threshold)
+    def _train_minibatch(self, batch: PaddedBatch, idx: torch.Tensor, old: "_Old", values: torch.Tensor,
+                         advantages: torch.Tensor, returns: torch.Tensor, reused: TokenOutputs | None,
+                         intact: bool) -> dict[str, torch.Tensor]:
+        """One gradient step on the minibatch ``idx``: this rank's share of its rows, in
+        micro-batches whose gradients accumulate (DDP synchronises after the last), then the
+        whole minibatch's statistics, the finiteness checks and Adam's step."""
+        cfg, own = self.cfg, share(idx, self.rank, self.world)
+        n_tokens = old.mask[idx].sum()  # the whole minibatch's, on every rank
+        parts = [own] if reused is not None else self._micro_batches(own)
         self.optimizer.zero_grad(set_to_none=False)
-        if out.loss.requires_grad:  # not on a rank with no row here: its gradient is zero
-            out.loss.backward()
-        self.ranks.sum_grads_(list(self.model.parameters()))
+        outputs = []
+        for j, rows in enumerate(parts):
+            last = j == len(parts) - 1
+            with contextlib.nullcontext() if last or self.world == 1 else self.train_pass.no_sync():
+                out = reused if reused is not None else self._train_forward(batch.rows(rows))
+                obj = ppo.ppo_objective(out.logp, old.logp[rows], out.values, values[rows], advantages[rows],
+                                        returns[rows], old.mask[rows], cfg.cliprange, cfg.cliprange_value,
+                                        cfg.vf_coef, n_tokens=n_tokens)
+                (obj.loss * self.world).backward()  # DDP averages over ranks: the sum is the whole's
+            outputs.append(out.detach())
+        new = {name: self._gather(torch.cat([getattr(o, name) for o in outputs]), idx)
+               for name in ("logp", "values", "entropy")}
+        with torch.no_grad():  # the statistics, and the ratio check, of the whole minibatch
+            loss = ppo.ppo_loss(new["logp"], old.logp[idx], new["values"], values[idx], advantages[idx],
+                                returns[idx], old.mask[idx], new["entropy"], cfg.cliprange, cfg.cliprange_value,
+                                cfg.vf_coef, cfg.ratio_threshold)
+        _check_finite("PPO loss", loss.stats["loss/total"], intact)  # never step on NaN
+        if loss.skipped:
+            # The reference zeroes the loss, so its gradient is zero; Adam still steps.
+            log.warning("mean PPO ratio above ppo.ratio_threshold=%s: minibatch loss zeroed", cfg.ratio_threshold)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
         _check_finite_grads(self.model, intact)
         self.optimizer.step()
-        return {k: v.detach().cpu() for k, v in out.stats.items()}
+        return {k: v.detach().cpu() for k, v in loss.stats.items()}
+
+    def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        return [rows]
 
 
 @dataclass
@@ -235,4 +299,4 @@ class _Old:
     values: torch.Tensor
     ref_logp: torch.Tensor
     mask: torch.Tensor
-    reusable: TokenOutputs | None
+    reusable: TokenOutputs | None  # with grad: this rank's share of the first minibatch, in its order

@@ -10,8 +10,6 @@ V vocabulary size. ``mask`` is (B, T) float, 1 where the next token is a respons
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 
@@ -95,28 +93,28 @@ class LossOutput:
     skipped: bool  # the mean ratio exceeded ratio_threshold, so the loss was zeroed
 
 
-def _no_other_ranks(x: torch.Tensor) -> torch.Tensor:
-    return x
+@dataclass(frozen=True)
+class Objective:
+    """The clipped losses of step 5 on some rows: the scalar to differentiate and its parts."""
+
+    loss: torch.Tensor     # pg_loss + vf_coef * vf_loss, with grad
+    pg_loss: torch.Tensor
+    vf_loss: torch.Tensor
+    ratio: torch.Tensor      # (B, T) exp(logp_new - logp_old)
+    pg_clipped: torch.Tensor  # (B, T) bool: the clipped policy term won
+    vf_clipped: torch.Tensor  # (B, T) bool: the clipped value term won
 
 
-def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor, v_old: torch.Tensor,
-             advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
-             cliprange: float, cliprange_value: float, vf_coef: float, ratio_threshold: float,
-             n_tokens: torch.Tensor | None = None,
-             total: Callable[[torch.Tensor], torch.Tensor] = _no_other_ranks) -> LossOutput:
-    """Step 5: clipped surrogate + clipped value loss (Schulman et al. 2017, arXiv:1707.06347).
+def ppo_objective(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor, v_old: torch.Tensor,
+                  advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange: float,
+                  cliprange_value: float, vf_coef: float, n_tokens: torch.Tensor | None = None) -> Objective:
+    """Step 5's clipped surrogate + clipped value loss (Schulman et al. 2017, arXiv:1707.06347).
 
-    pg_loss = masked_mean(max(-A*r, -A*clip(r, 1-eps, 1+eps)))
-    vf_loss = 0.5 * masked_mean(max((V-R)^2, (clip(V, V_old-eps_v, V_old+eps_v)-R)^2))
-    If masked_mean(ratio) > ratio_threshold the loss (and the reported losses) become 0,
-    but the caller still runs backward and the optimizer step, as the reference does.
-    ``entropy`` is the current policy's per-token entropy (B, T); it only feeds a statistic.
-
-    Data-parallel ranks (``learner/core/ranks.py``) each pass their own rows of the minibatch,
-    ``n_tokens`` = the minibatch's response tokens on all ranks and ``total`` = sum over ranks.
-    Every masked mean is then sum(x * m) / n_tokens: the rank's share, whose gradients add up
-    over ranks to the whole minibatch's. With the defaults (one process) each mean is exactly
-    ``masked_mean``.
+    pg_loss = sum(max(-A*r, -A*clip(r, 1-eps, 1+eps)) * m) / n
+    vf_loss = 0.5 * sum(max((V-R)^2, (clip(V, V_old-eps_v, V_old+eps_v)-R)^2) * m) / n
+    n = ``n_tokens``, by default mask.sum() (each is then a masked mean). A caller that splits a
+    minibatch into parts passes the whole minibatch's count with each part: the parts' losses,
+    and so their gradients, then add up to the whole minibatch's.
     """
     n = mask.sum() if n_tokens is None else n_tokens
     v_clipped = torch.clamp(v_new, v_old - cliprange_value, v_old + cliprange_value)
@@ -128,15 +126,33 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = (torch.max(pg_losses, pg_losses2) * mask).sum() / n
-    loss = pg_loss + vf_coef * vf_loss
+    return Objective(pg_loss + vf_coef * vf_loss, pg_loss, vf_loss, ratio, torch.gt(pg_losses2, pg_losses),
+                     torch.gt(vf_losses2, vf_losses1))
+
+
+def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor, v_old: torch.Tensor,
+             advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
+             cliprange: float, cliprange_value: float, vf_coef: float, ratio_threshold: float) -> LossOutput:
+    """Step 5 on a whole minibatch: ``ppo_objective`` with masked means, and its statistics.
+
+    If masked_mean(ratio) > ratio_threshold the loss (and the reported losses) become 0,
+    but the caller still runs backward and the optimizer step, as the reference does.
+    ``entropy`` is the current policy's per-token entropy (B, T); it only feeds a statistic.
+    """
+    obj = ppo_objective(logp_new, logp_old, v_new, v_old, advantages, returns, mask, cliprange, cliprange_value,
+                        vf_coef)
+    loss = obj.loss
     with torch.no_grad():
-        stats = _loss_statistics(pg_loss, vf_loss, loss, {
-            "policy/entropy": entropy, "policy/approxkl": 0.5 * (logp_new - logp_old) ** 2,
-            "policy/policykl": logp_old - logp_new, "policy/clipfrac": torch.gt(pg_losses2, pg_losses).float(),
-            "policy/ratio_mean": ratio, "policy/advantages_mean": advantages, "returns/mean": returns,
-            "val/vpred": v_new, "val/error": (v_new - returns) ** 2,
-            "val/clipfrac": torch.gt(vf_losses2, vf_losses1).float(), "val/mean": v_old,
-        }, {"returns/var": (returns, "returns/mean"), "val/var": (v_old, "val/mean")}, mask, n, total)
+        stats = {"loss/policy": obj.pg_loss.detach(), "loss/value": obj.vf_loss.detach(),
+                 "loss/total": loss.detach()}
+        for key, x in {"policy/entropy": entropy, "policy/approxkl": 0.5 * (logp_new - logp_old) ** 2,
+                       "policy/policykl": logp_old - logp_new, "policy/clipfrac": obj.pg_clipped.float(),
+                       "policy/ratio_mean": obj.ratio, "policy/advantages_mean": advantages,
+                       "returns/mean": returns, "val/vpred": v_new, "val/error": (v_new - returns) ** 2,
+                       "val/clipfrac": obj.vf_clipped.float(), "val/mean": v_old}.items():
+            stats[key] = masked_mean(x, mask)
+        stats["returns/var"] = masked_var(returns, mask)
+        stats["val/var"] = masked_var(v_old, mask)
 
     skipped = stats["policy/ratio_mean"].item() > ratio_threshold
     if skipped:
@@ -145,26 +161,6 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, v_new: torch.Tensor
         for key in ("loss/policy", "loss/value", "loss/total"):
             stats[key] = stats[key] * 0.0
     return LossOutput(loss=loss, stats=stats, skipped=skipped)
-
-
-def _loss_statistics(pg_loss: torch.Tensor, vf_loss: torch.Tensor, loss: torch.Tensor,
-                     means: dict[str, torch.Tensor], variances: dict[str, tuple[torch.Tensor, str]],
-                     mask: torch.Tensor, n: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor]
-                     ) -> dict[str, torch.Tensor]:
-    """The minibatch's statistics: the losses, the masked ``means`` and the unbiased masked
-    ``variances`` (each: values, the name of its mean), every one summed over ranks by ``total``
-    (one call for the means, one for the variances: their deviations need the whole minibatch's
-    means first)."""
-    def summed(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(zip(shares, total(torch.stack(list(shares.values())))))
-
-    stats = summed({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
-                    **{key: (x * mask).sum() / n for key, x in means.items()}})
-    if n <= 1:
-        raise ValueError("masked_var needs at least two masked entries (a batch with one response token?)")
-    stats.update(summed({key: ((x - stats[mean]) ** 2 * mask).sum() / n * (n / (n - 1))
-                         for key, (x, mean) in variances.items()}))
-    return stats
 
 
 def step_statistics(queries: list[list[int]], responses: list[list[int]], scores: torch.Tensor,

@@ -180,10 +180,10 @@ class Driver:
         responses = [r for ro in rollouts for r in ro.responses]
         scores = [s for ro in rollouts for s in ro.scores]
         behaviour = [lp for ro in rollouts for lp in ro.logprobs] if self.cfg.ppo.max_lag else None
-        update = self.fleet.learner.step.remote(queries, responses, scores, behaviour)
+        update = [rank.step.remote(queries, responses, scores, behaviour) for rank in self.fleet.learner_ranks]
         if self.cfg.ppo.max_lag and step + 1 < steps:  # the next batch, by these weights, during the update
             self.prefetched = self.rollout(self.stream.next_batch(), step + 1, sent)
-        stats = self.recovery.learner_call(update, "PPO step")
+        stats = self.recovery.learner_all(update, "PPO step")
         stats.update(step_stats(step, rollouts, sent, (t0, t1, t2, time.perf_counter()), self.cfg.ppo.batch_size))
         stats.update(source_means(rollouts))
         stats["failures"] = self.recovery.deaths
@@ -296,8 +296,13 @@ class Driver:
             batch = json.loads(batch) if batch else None
             self.prefetched = (batch["queries"], [Rollout(**r) for r in batch["rollouts"]]) if batch else None
             learner_files = {k: files[k] for k in (checkpoint.LEARNER_TENSORS, checkpoint.LEARNER_META)}
-            self.recovery.learner_call(self.fleet.learner.load_state_bytes.remote(learner_files), "restoring the learner",
-                                       again=lambda: self.fleet.learner.load_state_bytes.remote(learner_files))
+            if self.fleet.other_ranks:  # every rank loads; a lost one is the learner's loss
+                self.recovery.learner_all([rank.load_state_bytes.remote(learner_files)
+                                           for rank in self.fleet.learner_ranks], "restoring the learner")
+            else:
+                self.recovery.learner_call(self.fleet.learner.load_state_bytes.remote(learner_files),
+                                           "restoring the learner",
+                                           again=lambda: self.fleet.learner.load_state_bytes.remote(learner_files))
             self.run.restore_logs(ckpt)
         self.stream.load_state(DataState(**vars(data)))
         return step
@@ -318,6 +323,9 @@ class Driver:
         """actors.json: where each actor runs (pid, node, device, GPU share), for users and the failure tests."""
         self.recorded_deaths = self.recovery.deaths
         actors = {name: {**self.plan.get(name, {}), **ping} for name, ping in self.recovery.pings.items()}
+        if self.fleet.other_ranks:  # the learner's other data-parallel ranks, by pid
+            pings = self.recovery.learner_call([r.ping.remote() for r in self.fleet.other_ranks], "learner ranks")
+            actors["learner"]["rank_pids"] = [p["pid"] for p in pings]
         tmp = self.run.path / f".actors.json.{os.getpid()}"
         tmp.write_text(json.dumps(actors, indent=1))
         os.replace(tmp, self.run.path / "actors.json")  # a reader never sees half a file

@@ -55,7 +55,7 @@ def connect(cfg: Config, namespace: str) -> dict[str, Any]:
         import torch
 
         c = cfg.cluster
-        need_cpus = c.learner_cpus + c.num_rollout_workers + c.num_reward_workers
+        need_cpus = c.learner_cpus * c.learner_processes + c.num_rollout_workers + c.num_reward_workers
         ctx = ray.init(num_cpus=max(int(need_cpus + 0.999), os.cpu_count() or 1),
                        num_gpus=torch.cuda.device_count(), namespace=namespace, runtime_env=runtime_env,
                        include_dashboard=True, dashboard_host="127.0.0.1",
@@ -77,13 +77,13 @@ class Roles:
     reward_gpus: float
 
     def bundles(self, cfg: Config) -> list[dict[str, float]]:
-        """Learner first, then one bundle per rollout actor, then one per reward replica."""
+        """One bundle per learner rank first, then one per rollout actor, then one per reward replica."""
         def bundle(cpus: float, gpus: float) -> dict[str, float]:
             return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
         n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
-        return ([bundle(self.learner_cpus, self.learner_gpus)] + [bundle(1, self.rollout_gpus)] * n
-                + [bundle(1, self.reward_gpus)] * r)
+        return ([bundle(self.learner_cpus, self.learner_gpus)] * cfg.cluster.learner_processes
+                + [bundle(1, self.rollout_gpus)] * n + [bundle(1, self.reward_gpus)] * r)
 
 
 def plan_roles(cluster: ClusterConfig, gpus_per_node: list[float]) -> Roles:
@@ -92,18 +92,18 @@ def plan_roles(cluster: ClusterConfig, gpus_per_node: list[float]) -> Roles:
     Settings >= 0 win; -1 (the default) is placed by what the cluster has:
     - no GPU anywhere: every role on CPU;
     - one node with one GPU (a workstation): every role gets an equal share of it;
-    - one node with several: the learner gets a GPU of its own, rollout and reward actors share
-      the rest (a share never spans two GPUs, so each is 1/k of one GPU);
+    - one node with several: each learner rank gets a GPU of its own, rollout and reward actors
+      share the rest (a share never spans two GPUs, so each is 1/k of one GPU);
     - several nodes with GPUs: one GPU per role (an autoscaler adds GPU nodes as needed).
     """
-    n, r = cluster.num_rollout_workers, cluster.num_reward_workers
+    n, r, w = cluster.num_rollout_workers, cluster.num_reward_workers, cluster.learner_processes
     gpu_nodes = [g for g in gpus_per_node if g > 0]
     if not gpu_nodes:
         auto_learner = auto_other = 0.0
-    elif len(gpus_per_node) == 1 and gpu_nodes[0] < 2:
-        auto_learner = auto_other = _share(1 + n + r, 1)
+    elif len(gpus_per_node) == 1 and gpu_nodes[0] < w + 1:
+        auto_learner = auto_other = _share(w + n + r, int(gpu_nodes[0]) or 1)
     elif len(gpus_per_node) == 1:
-        auto_learner, auto_other = 1.0, _share(n + r, int(gpu_nodes[0]) - 1)
+        auto_learner, auto_other = 1.0, _share(n + r, int(gpu_nodes[0]) - w)
     else:
         auto_learner = auto_other = 1.0
     pick = lambda v, auto: auto if v < 0 else v  # noqa: E731
@@ -123,7 +123,7 @@ def resolve_roles(cfg: Config) -> Roles:
     nodes = [nd for nd in ray.nodes() if nd.get("Alive")]
     roles = plan_roles(cfg.cluster, [nd["Resources"].get("GPU", 0.0) for nd in nodes])
     c = cfg.cluster
-    asked = roles.learner_gpus + c.num_rollout_workers * roles.rollout_gpus + c.num_reward_workers * roles.reward_gpus
+    asked = roles.learner_gpus * c.learner_processes + c.num_rollout_workers * roles.rollout_gpus + c.num_reward_workers * roles.reward_gpus
     total = ray.cluster_resources().get("GPU", 0)
     if asked > total + 1e-9 and not c.address and not os.environ.get("RAY_ADDRESS"):
         # On a fixed machine more GPUs can never appear; on a cluster an autoscaler may add them.
@@ -136,7 +136,7 @@ def describe(cfg: Config, roles: Roles, pings: dict[str, dict]) -> dict[str, dic
     """The plan as it landed, per actor: node address, GPU share and CPUs it reserved, device.
     The driver prints it at start and actors.json records it (with each actor's pid)."""
     n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
-    shares = {"learner": (roles.learner_gpus, roles.learner_cpus)}
+    shares = {"learner": (roles.learner_gpus, roles.learner_cpus)}  # each rank's
     shares.update({f"rollout-{i}": (roles.rollout_gpus, 0.0) for i in range(n)})
     shares.update({f"rewards-{i}": (roles.reward_gpus, 0.0) for i in range(r)})
     address = {nd["NodeID"]: nd.get("NodeManagerAddress", "?") for nd in ray.nodes()}
@@ -185,16 +185,27 @@ def threads(cfg: Config) -> tuple[int, int]:
     return cores, max(1, cores // cfg.cluster.num_rollout_workers)
 
 
-def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "learner") -> Any:
-    """The learner actor in bundle 0, reserving the bundle's CPUs. Ray does not restart it (its
-    state lives in memory): the driver starts a new one here, under a new name (the dead one's
-    may not be released yet), and loads the last checkpoint."""
-    return ray.remote(LearnerActor).options(
-        name=name, num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-    ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=threads(cfg)[0],
-             processes=cfg.cluster.learner_processes, rank_timeout_s=cfg.cluster.call_timeout_s,
-             exit_on_rank_loss=True)
+def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "learner") -> list[Any]:
+    """The learner's ranks, rank r in bundle r with the bundle's CPUs and GPUs, joined into one
+    DDP group (rendezvous at rank 0's node); returns their handles, rank 0 first. Ray does not
+    restart them (their state lives in memory): to replace a lost learner, the driver kills
+    every rank of the old group and starts new ones here under new names (the dead one's may
+    not be released yet), then loads the last checkpoint."""
+    world, c = cfg.cluster.learner_processes, cfg.cluster
+    ranks = [ray.remote(LearnerActor).options(
+        name=name if r == 0 else f"{name}-rank{r}", num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+    ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=max(1, threads(cfg)[0] // world), rank=r,
+             world=world) for r in range(world)]
+    if world > 1:
+        join_ranks(ranks, c.call_timeout_s)
+    return ranks
+
+
+def join_ranks(ranks: list[Any], timeout_s: float) -> None:
+    """Forms the DDP group of the learner actors ``ranks`` (rank 0 first), waiting at most ``timeout_s``."""
+    address = ranks[0].rendezvous.remote()  # every rank's join waits for it: no round trip here
+    ray.get([r.join.remote(address, timeout_s) for r in ranks], timeout=timeout_s)
 
 
 def spawn(cfg: Config, roles: Roles, pg: PlacementGroup, functions: dict[str, Any] | None = None) -> Fleet:
@@ -205,25 +216,26 @@ def spawn(cfg: Config, roles: Roles, pg: PlacementGroup, functions: dict[str, An
     learner_threads, t = threads(cfg)
     # Rollout and reward actors mostly wait on each other and on the learner, so their
     # bundles hold the CPU and the actors ask for none.
-    learner = spawn_learner(cfg, roles, pg)
+    learners = spawn_learner(cfg, roles, pg)
+    w = len(learners)
     # The reward actor scores while rollout actors wait for it: it may use every core.
     reward_settings = cfg.reward.for_actor(torch_threads=learner_threads)
     rewards = [
         ray.remote(RewardServer).options(
             name=f"rewards-{i}", num_cpus=0, num_gpus=roles.reward_gpus, max_concurrency=64,
             max_restarts=cfg.cluster.max_failures,
-            scheduling_strategy=at(1 + n + i),
+            scheduling_strategy=at(w + n + i),
         ).remote(reward_settings, callers=len(range(i, n, r)), functions=functions)  # rollout actor k scores with replica k % r
         for i in range(r)
     ]
     rollout_settings = cfg.rollout.for_actor(seed=cfg.run.seed, torch_threads=t)
     rollouts = [
         ray.remote(RolloutWorker).options(
-            name=f"rollout-{i}", num_cpus=0, num_gpus=roles.rollout_gpus, scheduling_strategy=at(1 + i),
+            name=f"rollout-{i}", num_cpus=0, num_gpus=roles.rollout_gpus, scheduling_strategy=at(w + i),
             # Ray restarts a dead actor; the driver, not Ray, redoes its work (max_task_retries=0),
             # because the restarted actor must first get the current weights.
             max_restarts=cfg.cluster.max_failures,
         ).remote(rollout_settings, [f"rewards-{i}" for i in range(r)])  # names, not handles: RolloutWorker says why
         for i in range(n)
     ]
-    return Fleet(learner, rollouts, rewards)
+    return Fleet(learners[0], rollouts, rewards, learners[1:])

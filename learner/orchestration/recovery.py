@@ -2,9 +2,9 @@
 
 Rollout and reward actors are restarted by Ray (``max_restarts``); a call they failed is made
 again once they answer, after the caller has given a restarted rollout actor the current
-weights (``resend``). The learner is not restarted by Ray (its state lives in memory): its loss
-is raised as :class:`LearnerLost` and the driver starts a new one (``replace_learner``) and
-loads the newest good checkpoint.
+weights (``resend``). The learner is not restarted by Ray (its state lives in memory): the loss
+of any of its ranks is raised as :class:`LearnerLost` and the driver starts a new group of ranks
+(``replace_learner``) and loads the newest good checkpoint.
 
 Deaths are counted per actor, not per failed call: after a failure every actor is pinged until
 it answers, and each one that answers from a new process died once, however many calls its
@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from modelhost.errors import one_line
@@ -83,11 +83,17 @@ class RayCalls:
 
 @dataclass
 class Fleet:
-    """The run's actor handles, by role."""
+    """The run's actor handles, by role. ``learner`` is the learner's rank 0, the one the
+    driver talks to; ``other_ranks`` are its data-parallel peers (none for one process)."""
 
     learner: Any
     rollouts: list[Any]
     rewards: list[Any]
+    other_ranks: list[Any] = field(default_factory=list)
+
+    @property
+    def learner_ranks(self) -> list[Any]:
+        return [self.learner, *self.other_ranks]
 
     def named(self) -> dict[str, Any]:
         return {"learner": self.learner, **{f"rollout-{i}": a for i, a in enumerate(self.rollouts)},
@@ -133,6 +139,26 @@ class Recovery:
     @property
     def unavailable(self) -> tuple[type[BaseException], ...]:
         return getattr(self.calls, "unavailable", ())
+
+    def learner_all(self, refs: list[Any], what: str) -> Any:
+        """Rank 0's result of a call every learner rank runs (``refs`` in rank order). A lost rank
+        is a lost learner, raised as soon as it is seen: the others may be waiting on it in a
+        collective. A rank's error is raised as it is when every rank still answers (an error
+        in the step itself, which every rank meets alike), else it is the learner's loss."""
+        pending = list(refs)
+        while pending:
+            done = self.calls.wait_one(pending, self.timeout_s)
+            if done is None:
+                raise RunError(f"{what} did not finish within cluster.call_timeout_s={self.timeout_s:g}s")
+            pending.remove(done)
+            try:
+                self.learner_call(done, what)
+            except LearnerLost:
+                raise
+            except Exception as err:  # noqa: BLE001 - the error of the call, or of a collective a lost peer broke
+                self.learner_call([rank.ping.remote() for rank in self.fleet.learner_ranks], what)
+                raise err
+        return self.learner_call(refs[0], what)
 
     def gather(self, calls: dict[int, Callable[[], Any]], what: str, resend: Callable[[list[int]], None]) -> list:
         """One call per rollout actor, results in index order. A call failed by a lost actor (the
@@ -183,12 +209,14 @@ class Recovery:
         return restarted
 
     def replace_learner(self, reason: str) -> Any:
-        """A new learner actor (in the dead one's bundle), once it answers; the old one is killed
-        first (an unreachable learner may still run and hold the bundle). LearnerLost if the new
-        one dies before it answers."""
+        """A new learner (its ranks in the lost one's bundles, ``start_learner`` returning their
+        handles, rank 0 first), once rank 0 answers; returns rank 0. Every rank of the old one is
+        killed first (an unreachable rank may still run, hold its bundle, or wait on the others
+        in a collective). LearnerLost if the new one dies before it answers."""
         self._spend(["learner"], "the learner", reason)
-        self.calls.kill(self.fleet.learner)
-        self.fleet.learner = self.start_learner()
+        for rank in self.fleet.learner_ranks:
+            self.calls.kill(rank)
+        self.fleet.learner, *self.fleet.other_ranks = self.start_learner()
         self.pings["learner"] = self._until_alive(self.fleet.learner, "the new learner", restarts=False)
         return self.fleet.learner
 
