@@ -146,6 +146,10 @@ class PPOConfig:
     """rollouts per PPO step"""
     mini_batch_size: int = 128
     """rollouts per gradient step; must divide batch_size"""
+    micro_batch_size: int = 0
+    """rollouts per forward/backward pass on a learner rank: each rank's share of a minibatch runs in
+    micro-batches whose gradients accumulate before Adam's step (the same step up to float summation
+    order, for less activation memory); must divide mini_batch_size. 0: the whole share at once"""
     ppo_epochs: int = 4
     """passes over each batch"""
     gamma: float = 1.0
@@ -193,6 +197,9 @@ class PPOConfig:
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
                               f"({self.mini_batch_size})")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.mini_batch_size % self.micro_batch_size):
+            raise ConfigError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide ppo.mini_batch_size "
+                              f"({self.mini_batch_size}), or be 0 for whole minibatches")
         if self.kl_penalty != "kl":
             raise ConfigError(f"ppo.kl_penalty '{self.kl_penalty}' is not supported: only 'kl' (logp - logp_ref) "
                               "is defined by the reference step")

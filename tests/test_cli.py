@@ -107,6 +107,8 @@ BAD = [
     (["--cluster.placement_strategy", "RANDOM"], r"cluster.placement_strategy 'RANDOM' must be one of PACK"),
     (["--cluster.call_timeout_s", "0"], r"cluster.call_timeout_s \(0.0\) must be > 0"),
     (["--cluster.learner_processes", "0"], r"cluster.learner_processes \(0\) must be > 0"),
+    (["--cluster.learner_processes", "200"], r"cluster.learner_processes \(200\) exceeds ppo.mini_batch_size \(128\)"),
+    (["--ppo.micro_batch_size", "48"], r"ppo.micro_batch_size \(48\) must divide ppo.mini_batch_size \(128\)"),
     (["--run.keep_checkpoints", "0"], r"run.keep_checkpoints \(0\) must be > 0"),
     (["--run.steps", "-3"], r"run.steps \(-3\) must be >= 0"),
     (["--data.query_min_tokens", "9"], r"data.query_min_tokens \(9\) exceeds data.query_max_tokens \(7\)"),

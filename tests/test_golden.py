@@ -23,6 +23,7 @@ parameter within 1e-4. The test fails, not skips, when there is no case.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -45,30 +46,37 @@ def test_golden_cases_exist():
     assert CASES, f"no PPO golden case (a folder with case.json) under {GOLDEN_DIR}; set PPO_GOLDEN_DIR"
 
 
-def _ppo_config(settings: dict) -> PPOConfig:
+def _ppo_config(settings: dict, micro: bool = False) -> PPOConfig:
+    """The case's settings; ``micro``: micro-batches of a quarter of the minibatch."""
     known = {f for f in PPOConfig.__dataclass_fields__}
-    return PPOConfig(**{k: v for k, v in settings.items() if k in known})
+    cfg = PPOConfig(**{k: v for k, v in settings.items() if k in known})
+    return dataclasses.replace(cfg, micro_batch_size=cfg.mini_batch_size // 4) if micro else cfg
 
 
+@pytest.mark.parametrize("micro", [False, True], ids=["whole-minibatch", "micro-batches"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference(case: Path):
+def test_matches_reference(case: Path, micro: bool):
+    """One rank; with ``micro``, ppo.micro_batch_size is a quarter of the minibatch (gradients
+    accumulated over 4 micro-batches before Adam's step)."""
     spec = json.loads((case / "case.json").read_text())
-    learner = LearnerActor(str(case / "policy"), _ppo_config(spec["ppo"]), seed=spec["ppo"].get("seed", 0),
+    learner = LearnerActor(str(case / "policy"), _ppo_config(spec["ppo"], micro), seed=spec["ppo"].get("seed", 0),
                            device="cpu", row_order=_row_order(spec), torch_threads=1)
     params = lambda: {k: v.detach() for k, v in learner.learner.model.named_parameters()}  # noqa: E731
     _replay(case, spec, lambda *batch: learner.step(*batch), params)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference_with_2_ddp_ranks(case: Path, ray_local):
+@pytest.mark.parametrize("case, micro", [(c, i % 2 == 1) for i, c in enumerate(CASES)],
+                         ids=[c.name + ("-micro-batches" if i % 2 else "") for i, c in enumerate(CASES)])
+def test_matches_reference_with_2_ddp_ranks(case: Path, micro: bool, ray_local):
     """cluster.learner_processes=2 as a run places it: two learner actors in one DDP group (gloo),
     each stepping on its half of every minibatch's rows; rank 0's statistics and weights must be
-    the reference's within the same tolerances, and rank 1 must hold rank 0's weights."""
+    the reference's within the same tolerances, and rank 1 must hold rank 0's weights. One case
+    also splits each rank's half into micro-batches (DDP's no_sync for all but the last)."""
     from learner.orchestration.placement import join_ranks
 
     spec = json.loads((case / "case.json").read_text())
     ranks = [ray_local.remote(LearnerActor).options(num_cpus=0).remote(
-        str(case / "policy"), _ppo_config(spec["ppo"]), seed=spec["ppo"].get("seed", 0), device="cpu",
+        str(case / "policy"), _ppo_config(spec["ppo"], micro), seed=spec["ppo"].get("seed", 0), device="cpu",
         row_order=_row_order(spec), torch_threads=1, rank=r, world=2) for r in range(2)]
     try:
         join_ranks(ranks, timeout_s=120)

@@ -214,8 +214,11 @@ class PPOLearner:
     def _reuses_rollout_pass(self) -> bool:
         """With one minibatch per epoch (the recipe) the first minibatch is the whole batch under
         the rollout weights, so the reference computes the same forward pass twice; here it runs
-        once, with grad, and serves both."""
-        return self.cfg.mini_batch_size == self.cfg.batch_size
+        once, with grad, and serves both. Not with micro-batches: the with-grad pass over a whole
+        share is what they avoid."""
+        cfg = self.cfg
+        one_part = not cfg.micro_batch_size or cfg.micro_batch_size >= -(-cfg.mini_batch_size // self.world)
+        return cfg.mini_batch_size == cfg.batch_size and one_part
 
     def _rollout_values(self, batch: PaddedBatch, behaviour_logprobs: list[list[float]] | None,
                         first: torch.Tensor) -> "_Old":
@@ -287,7 +290,8 @@ class PPOLearner:
         return {k: v.detach().cpu() for k, v in loss.stats.items()}
 
     def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        return [rows]
+        """This rank's share of a minibatch in ``ppo.micro_batch_size`` pieces (one when 0)."""
+        return list(rows.split(self.cfg.micro_batch_size)) if self.cfg.micro_batch_size else [rows]
 
 
 @dataclass
