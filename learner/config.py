@@ -150,6 +150,9 @@ class PPOConfig:
     """rollouts per forward/backward pass on a learner rank: each rank's share of a minibatch runs in
     micro-batches whose gradients accumulate before Adam's step (the same step up to float summation
     order, for less activation memory); must divide mini_batch_size. 0: the whole share at once"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's layer activations in backward instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): less learner memory for one more forward pass per update"""
     ppo_epochs: int = 4
     """passes over each batch"""
     gamma: float = 1.0

@@ -127,3 +127,26 @@ def test_shares_cover_the_rows_once_in_order_in_near_equal_sizes(world: int):
         assert torch.equal(torch.cat(shares), idx), (n, shares)
         sizes = [len(s) for s in shares]
         assert max(sizes) - min(sizes) <= 1, (n, sizes)
+
+
+def test_gradient_checkpointing_takes_the_same_step(tiny_policy: Path):
+    """ppo.gradient_checkpointing recomputes each layer in backward (its forward runs twice per
+    with-grad pass, dropout still off) and the step is the one without it, up to float noise."""
+    cfg = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3)
+    queries, responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], [[20, 21], [22, 23, 24], [25], [26, 27]]
+    scores = [1.0, -1.0, 0.5, 0.0]
+    plain = LearnerActor(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=1)
+    ckpt = LearnerActor(str(tiny_policy), PPOConfig(**{**vars(cfg), "gradient_checkpointing": True}), seed=0,
+                        device="cpu", torch_threads=1)
+    calls = {"plain": 0, "ckpt": 0}
+    for name, learner in (("plain", plain), ("ckpt", ckpt)):
+        block = learner.learner.model.pretrained_model.transformer.h[0].mlp  # its start runs again in a recompute
+        block.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    a, b = plain.step(queries, responses, scores), ckpt.step(queries, responses, scores)
+    assert calls["ckpt"] > calls["plain"]  # the layer ran again in backward
+    assert not ckpt.learner.model.pretrained_model.transformer.h[0].attn.training  # dropout stays off
+    for key in a:
+        if not key.startswith("time/"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    for (name, p), q in zip(plain.learner.model.named_parameters(), ckpt.learner.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name

@@ -33,7 +33,7 @@ from learner.config import PPOConfig
 from learner.core import ppo
 from learner.core.forward import (PaddedBatch, RowOrder, TokenOutputs, forward, minibatches, pad_batch, scatter,
                                   share)
-from learner.core.models import PolicyWithValueHead, load_policy, load_tokenizer
+from learner.core.models import PolicyWithValueHead, enable_gradient_checkpointing, load_policy, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class PPOLearner:
         self.cfg, self.device = ppo_cfg, torch.device(device)
         self.tokenizer = load_tokenizer(policy)
         self.model, self.ref_model = load_policy(policy, seed, str(self.device))
+        if ppo_cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model.pretrained_model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ppo_cfg.learning_rate)
         self.kl_ctl = (ppo.AdaptiveKLController(ppo_cfg.init_kl_coef, ppo_cfg.target, ppo_cfg.horizon)
                        if ppo_cfg.adap_kl_ctrl else ppo.FixedKLController(ppo_cfg.init_kl_coef))

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 # ModelLoadError and load_pretrained live in the leaf every actor imports; the driver takes them from here.
 from modelhost.loading import ModelLoadError, load_pretrained, quiet_progress_bars
 
-__all__ = ["ModelLoadError", "PolicyWithValueHead", "VALUE_HEAD_FILE", "ValueHead", "load_policy",
+__all__ = ["ModelLoadError", "PolicyWithValueHead", "VALUE_HEAD_FILE", "ValueHead", "enable_gradient_checkpointing",
+           "load_policy",
            "load_pretrained", "load_tokenizer", "load_value_head", "save_policy"]
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,23 @@ def load_policy(name_or_path: str, seed: int, device: str = "cpu") -> tuple[Poli
     ref = copy.deepcopy(lm).to(device).eval()
     ref.requires_grad_(False)
     return policy, ref
+
+
+def enable_gradient_checkpointing(lm: nn.Module) -> None:
+    """transformers' gradient checkpointing (non-reentrant) for ``lm``'s layers: their
+    activations are recomputed in backward instead of kept. transformers checkpoints a layer
+    only in training mode, and the learner runs in eval mode (dropout off, as the reference's
+    forward passes): the checkpointed layers alone are marked as training, their dropouts stay off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    enable = getattr(lm, "activation_checkpointing_enable", None)  # its name from transformers 5.x on
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in lm.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True  # this module only: its children keep eval mode
 
 
 def save_policy(policy: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
