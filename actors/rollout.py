@@ -32,7 +32,7 @@ from transformers import (AutoModelForCausalLM, LogitsProcessorList, Temperature
 from actors.sampling import InverseCdfSampling, Sampler, choose_sampler, sample_responses
 from modelhost.loading import load_model_and_tokenizer
 from modelhost.process import process_info, resolve_device
-from modelhost.weights import distinct_tensors, numpy_copies, tied_duplicates
+from modelhost.weights import distinct_tensors, merge_lora, numpy_copies, tied_duplicates
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ class RolloutWorker:
                                          getattr(self.model.config, "max_position_embeddings", 0)))
         self.sampler: Sampler = choose_sampler(self.model)
         self._tied = tied_duplicates(self.model)
+        self._base: dict[str, torch.Tensor] | None = None  # LoRA: the adapted weights as first loaded
         self._weight_version = 0
         logger.info("rollout worker pid %d: %s on %s, %d torch threads", os.getpid(), settings.policy,
                     self.device, settings.torch_threads)
@@ -198,7 +199,10 @@ class RolloutWorker:
         return self._weight_version
 
     def load_weights(self, weights: dict[str, np.ndarray | torch.Tensor], version: int) -> int:
-        """Copies a full set of policy weights in place (names as in the causal LM's state_dict)."""
+        """Copies a full set of policy weights in place (names as in the causal LM's state_dict),
+        or applies LoRA adapters (``lora_up/<name>``, ``lora_down/<name>``: see ``_apply_adapters``)."""
+        if any(name.startswith("lora_") for name in weights):
+            return self._apply_adapters(weights, version)
         params = self.model.state_dict()
         unknown = sorted(set(weights) - set(params))
         missing = sorted(set(params) - set(weights) - self._tied)
@@ -218,6 +222,25 @@ class RolloutWorker:
                 params[name].copy_(source)
         self._weight_version = int(version)
         logger.debug("loaded weights version %d", version)
+        return self._weight_version
+
+    def _apply_adapters(self, weights: dict[str, np.ndarray | torch.Tensor], version: int) -> int:
+        """Each adapted weight becomes base + up @ down (``modelhost.weights.merge_lora``), the base
+        being this actor's own copy of the weight as first loaded (kept from the first adapters on);
+        every other weight stays the base model's, which LoRA never changes."""
+        params = self.model.state_dict()
+        names = {name.split("/", 1)[1] for name in weights}
+        unknown = sorted(names - set(params))
+        if unknown or set(weights) != {f"lora_{p}/{n}" for n in names for p in ("up", "down")}:
+            raise ValueError(f"load_weights: adapters for unknown weights {unknown[:5]}, or not in up/down pairs")
+        if self._base is None:
+            self._base = {name: params[name].detach().clone() for name in names}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the object store, only read
+            for name in names:
+                up, down = torch.as_tensor(weights[f"lora_up/{name}"]), torch.as_tensor(weights[f"lora_down/{name}"])
+                params[name].copy_(merge_lora(self._base[name], up, down))
+        self._weight_version = int(version)
         return self._weight_version
 
     def weight_fingerprint(self) -> list[float]:

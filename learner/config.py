@@ -153,6 +153,15 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     """recompute the policy's layer activations in backward instead of keeping them (transformers'
     gradient checkpointing, non-reentrant): less learner memory for one more forward pass per update"""
+    lora_rank: int = 0
+    """LoRA adapters of this rank through PEFT instead of training every policy weight (0: full weights).
+    The reference model is then the policy with its adapters switched off, the value head trains as
+    usual, and rollout actors receive only the adapters"""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: each adapter's update is scaled by lora_alpha / lora_rank"""
+    lora_target_modules: str = ""
+    """comma-separated names of the modules that get adapters (GPT-2: c_attn,c_proj,c_fc); empty: PEFT's
+    default for the architecture (GPT-2: c_attn)"""
     ppo_epochs: int = 4
     """passes over each batch"""
     gamma: float = 1.0
@@ -203,6 +212,9 @@ class PPOConfig:
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.mini_batch_size % self.micro_batch_size):
             raise ConfigError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide ppo.mini_batch_size "
                               f"({self.mini_batch_size}), or be 0 for whole minibatches")
+        if self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise ConfigError(f"ppo.lora_rank ({self.lora_rank}) must be >= 0 (0: full weights) and ppo.lora_alpha "
+                              f"({self.lora_alpha}) > 0")
         if self.kl_penalty != "kl":
             raise ConfigError(f"ppo.kl_penalty '{self.kl_penalty}' is not supported: only 'kl' (logp - logp_ref) "
                               "is defined by the reference step")
@@ -457,7 +469,8 @@ FROZEN_ON_RESUME = ("rollout.policy", "reward.model", "reward.positive_label", "
                     "reward.sources", "data.dataset", "data.split",
                     "data.text_column", "data.prompt_mode", "data.chat_template", "data.min_review_chars",
                     "data.query_min_tokens", "data.query_max_tokens",
-                    "ppo.batch_size", "ppo.mini_batch_size", "ppo.max_lag", "run.seed", "cluster.num_rollout_workers")
+                    "ppo.batch_size", "ppo.mini_batch_size", "ppo.max_lag", "run.seed", "cluster.num_rollout_workers",
+                    "ppo.lora_rank", "ppo.lora_target_modules")
 
 
 @dataclass

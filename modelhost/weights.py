@@ -47,3 +47,10 @@ def numpy_copies(module: torch.nn.Module) -> dict[str, np.ndarray]:
     """The distinct tensors as numpy copies on the CPU: what goes through Ray's object store
     (numpy arrays are read there without a copy)."""
     return {name: tensor.to("cpu", copy=True).numpy() for name, tensor in distinct_tensors(module).items()}
+
+
+def merge_lora(base: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """base + up @ down (a LoRA adapter's update of a weight), summed in float64 and rounded once
+    to ``base``'s dtype: the same numbers wherever it is computed, so the learner and a rollout
+    actor that merge one adapter into one base hold the same weights (their fingerprints agree)."""
+    return (base.double() + up.to(base.device, torch.float64) @ down.to(base.device, torch.float64)).to(base.dtype)

@@ -25,6 +25,21 @@ def _sample(learner: LearnerActor, queries: list[list[int]], new_tokens: int, ge
     return ids[:, len(queries[0]):].tolist()
 
 
+def _token_set_rewards(learner: LearnerActor, steps: int, seed: int) -> list[float]:
+    """PPO steps on reward = share of response tokens from a chosen set of 16 ids; each step's mean reward."""
+    target, cfg = set(range(100, 116)), learner.learner.cfg
+    gen = torch.Generator().manual_seed(seed)
+    means = []
+    for _ in range(steps):
+        queries = torch.randint(3, 280, (cfg.batch_size, 3), generator=gen).tolist()
+        responses = _sample(learner, queries, 6, gen)
+        scores = [sum(t in target for t in r) / len(r) for r in responses]
+        stats = learner.step(queries, responses, scores)
+        means.append(stats["env/reward_mean"])
+        assert stats["env/reward_mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
+    return means
+
+
 def test_ppo_raises_a_simple_reward(tiny_policy: Path):
     """Reward = share of response tokens from a chosen set of 16 ids; PPO must raise it.
 
@@ -33,18 +48,8 @@ def test_ppo_raises_a_simple_reward(tiny_policy: Path):
     min 0.671). The threshold, 0.25, lies 7 std below the mean and far below the lowest seed,
     so float differences between CPUs (other sampled tokens) cannot fail it, while a learner
     that does not learn (rise ~0) still does."""
-    target = set(range(100, 116))
     cfg = PPOConfig(learning_rate=3e-3, batch_size=32, mini_batch_size=16, ppo_epochs=4, init_kl_coef=0.01)
-    learner = LearnerActor(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=1)
-    gen = torch.Generator().manual_seed(0)
-    means = []
-    for step in range(30):
-        queries = torch.randint(3, 280, (cfg.batch_size, 3), generator=gen).tolist()
-        responses = _sample(learner, queries, 6, gen)
-        scores = [sum(t in target for t in r) / len(r) for r in responses]
-        stats = learner.step(queries, responses, scores)
-        means.append(stats["env/reward_mean"])
-        assert stats["env/reward_mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
+    means = _token_set_rewards(LearnerActor(str(tiny_policy), cfg, seed=0, device="cpu", torch_threads=1), 30, 0)
     first, last = sum(means[:5]) / 5, sum(means[-5:]) / 5
     print(f"reward first {first:.3f} last {last:.3f}")
     assert first < 0.15, means

@@ -24,10 +24,10 @@ from actors.fingerprint import fingerprint
 from learner.config import PPOConfig
 from learner.core.forward import PaddedBatch, RowOrder, TokenOutputs
 from learner.core.learner import PPOLearner
-from learner.core.models import save_policy
+from learner.core.models import lora_factors, plain_names, save_policy
 from learner.core.state import pack_learner, unpack_learner
 from modelhost.process import process_info, resolve_device
-from modelhost.weights import distinct_tensors, numpy_copies
+from modelhost.weights import distinct_tensors, merge_lora, numpy_copies
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,29 @@ class LearnerActor:
         return self.learner.version, self.get_weights()
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        """The causal LM's weights as numpy (zero-copy in Ray's object store), tied copies once."""
-        return numpy_copies(self.learner.model.pretrained_model)
+        """What a rollout actor needs to hold the policy, as numpy (zero-copy in Ray's object store):
+        the causal LM's weights, tied copies once; with LoRA only the adapters, as
+        ``lora_up/<weight name>`` and ``lora_down/<weight name>`` with weight = base + up @ down."""
+        lm = self.learner.model.pretrained_model
+        if self.learner.peft is None:
+            return numpy_copies(lm)
+        return {f"lora_{part}/{name}": t.detach().to("cpu", copy=True).numpy()
+                for name, (up, down) in lora_factors(lm).items() for part, t in (("up", up), ("down", down))}
 
     def weights_fingerprint(self) -> tuple[int, list[float]]:
-        """(version, actors.fingerprint of the LM weights): what every rollout actor must report."""
-        return self.learner.version, fingerprint(distinct_tensors(self.learner.model.pretrained_model).values())
+        """(version, actors.fingerprint of the weights a rollout actor holds once it has loaded
+        ``get_weights``): what every rollout actor must report."""
+        return self.learner.version, fingerprint(self.rollout_weights().values())
+
+    def rollout_weights(self) -> dict[str, torch.Tensor]:
+        """The causal LM's weights as a rollout actor holds them (names of the plain model, tied
+        copies once); with LoRA each adapted weight merged as the rollout actor merges it."""
+        lm = self.learner.model.pretrained_model
+        if self.learner.peft is None:
+            return distinct_tensors(lm)
+        names, factors = plain_names(lm), lora_factors(lm)
+        plain = {names[n]: t for n, t in distinct_tensors(lm).items() if n in names}
+        return {n: merge_lora(t, *factors[n]) if n in factors else t for n, t in plain.items()}
 
     def state_bytes(self) -> dict[str, bytes]:
         """Everything needed to continue exactly (weights, Adam, KL coefficient, RNGs, version) as

@@ -33,7 +33,8 @@ from learner.config import PPOConfig
 from learner.core import ppo
 from learner.core.forward import (PaddedBatch, RowOrder, TokenOutputs, forward, minibatches, pad_batch, scatter,
                                   share)
-from learner.core.models import PolicyWithValueHead, enable_gradient_checkpointing, load_policy, load_tokenizer
+from learner.core.models import (PolicyWithValueHead, add_lora, enable_gradient_checkpointing, load_policy,
+                                 load_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,16 @@ class PPOLearner:
         torch.manual_seed(seed)
         self.cfg, self.device = ppo_cfg, torch.device(device)
         self.tokenizer = load_tokenizer(policy)
-        self.model, self.ref_model = load_policy(policy, seed, str(self.device))
+        lora = ppo_cfg.lora_rank > 0
+        # With LoRA the reference is the policy with its adapters switched off, not a second copy.
+        self.model, self.ref_model = load_policy(policy, seed, str(self.device), reference=not lora)
+        self.peft = (add_lora(self.model.pretrained_model, ppo_cfg.lora_rank, ppo_cfg.lora_alpha,
+                              ppo_cfg.lora_target_modules) if lora else None)
+        self.model.eval()
         if ppo_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model.pretrained_model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ppo_cfg.learning_rate)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
+                                          lr=ppo_cfg.learning_rate)
         self.kl_ctl = (ppo.AdaptiveKLController(ppo_cfg.init_kl_coef, ppo_cfg.target, ppo_cfg.horizon)
                        if ppo_cfg.adap_kl_ctrl else ppo.FixedKLController(ppo_cfg.init_kl_coef))
         self.rng = np.random.default_rng(seed)
@@ -137,8 +144,11 @@ class PPOLearner:
         return TokenOutputs(*self.train_pass(batch, True))
 
     def _reference_logp(self, batch: PaddedBatch) -> torch.Tensor:
-        with torch.no_grad():
-            return forward(self.ref_model, batch, self.device, self.cfg.length_buckets, self.cfg.bf16).logp
+        """The frozen reference's log-probs: its own copy, or (LoRA) the policy without adapters."""
+        lm, off = ((self.ref_model, contextlib.nullcontext()) if self.peft is None
+                   else (self.model.pretrained_model, self.peft.disable_adapter()))
+        with torch.no_grad(), off:
+            return forward(lm, batch, self.device, self.cfg.length_buckets, self.cfg.bf16).logp
 
     # ------------------------------------------------------------------ rows over ranks
 

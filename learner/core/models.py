@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,14 +84,56 @@ def load_value_head(name_or_path: str, hidden_size: int, seed: int) -> ValueHead
     return head
 
 
-def load_policy(name_or_path: str, seed: int, device: str = "cpu") -> tuple[PolicyWithValueHead, nn.Module]:
-    """(policy with value head, frozen reference copy), both in eval mode (dropout off)."""
+def load_policy(name_or_path: str, seed: int, device: str = "cpu", reference: bool = True
+                ) -> tuple[PolicyWithValueHead, nn.Module | None]:
+    """(policy with value head, frozen reference copy or None when not ``reference``), both in
+    eval mode (dropout off)."""
     lm = load_pretrained(AutoModelForCausalLM, name_or_path, "policy model", dtype=torch.float32)
     policy = PolicyWithValueHead(lm, load_value_head(name_or_path, lm.config.hidden_size, seed))
     policy.to(device).eval()
+    if not reference:
+        return policy, None
     ref = copy.deepcopy(lm).to(device).eval()
     ref.requires_grad_(False)
     return policy, ref
+
+
+def add_lora(lm: nn.Module, rank: int, alpha: float, target_modules: str) -> nn.Module:
+    """LoRA adapters (PEFT) injected into ``lm`` in place; every other weight of ``lm`` frozen.
+    Returns the PEFT model around ``lm``, whose ``disable_adapter()`` gives the base model back
+    (the reference). ``target_modules``: comma-separated names, empty for PEFT's default."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = [t.strip() for t in target_modules.split(",") if t.strip()] or None
+    conv1d = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores weights as (in, out)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=conv1d)
+    try:
+        with warnings.catch_warnings():  # PEFT calls transformers' deprecated spellings; not ours to act on
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(lm, config)
+    except ValueError as err:  # PEFT: no such target module in the model
+        raise ModelLoadError(f"ppo.lora_target_modules: {str(err).splitlines()[0]}") from None
+
+
+def lora_factors(lm: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name of the adapted weight in the plain model's state_dict: (up, down)} with
+    weight = base + up @ down (LoRA's B @ A * scale, transposed for GPT-2's (in, out) Conv1D)."""
+    from peft.tuners.lora import LoraLayer
+
+    factors = {}
+    for path, module in lm.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight  # (r, in), (out, r)
+            b = b * module.scaling["default"]
+            name = f"{path}.weight"
+            factors[name] = (a.T, b.T) if module.fan_in_fan_out else (b, a)
+    return factors
+
+
+def plain_names(lm: nn.Module) -> dict[str, str]:
+    """{state_dict name of ``lm``: its name in the model without adapters}, adapters' own omitted."""
+    return {name: name.replace(".base_layer.", ".") for name in lm.state_dict() if "lora_" not in name}
 
 
 def enable_gradient_checkpointing(lm: nn.Module) -> None:
@@ -110,12 +153,29 @@ def enable_gradient_checkpointing(lm: nn.Module) -> None:
             module.training = True  # this module only: its children keep eval mode
 
 
+def _merged_copy(lm: nn.Module) -> nn.Module:
+    """A copy of ``lm`` with every LoRA adapter merged into its weight and the adapter layers
+    replaced by their base layers: the plain model (PEFT's merge_and_unload, on a copy)."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(lm)
+    for path, module in list(merged.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = path.rpartition(".")
+            setattr(merged.get_submodule(parent), child, module.get_base_layer())
+    return merged
+
+
 def save_policy(policy: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
     """A folder ``transformers.pipeline("text-generation", model=folder)`` loads, plus the value head."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     quiet_progress_bars()  # "Writing model shards" would print in the learner actor's console
-    policy.pretrained_model.save_pretrained(folder)
+    lm = policy.pretrained_model
+    if any("lora_" in name for name in lm.state_dict()):  # LoRA: a merged copy, so any pipeline loads it
+        lm = _merged_copy(lm)
+    lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     head = {f"summary.{k}": v.detach().cpu().contiguous() for k, v in policy.v_head.summary.state_dict().items()}
     save_file(head, str(folder / VALUE_HEAD_FILE))

@@ -3,7 +3,8 @@
 Two files, which the run's checkpoints hold next to the driver's own:
 
 - ``learner.safetensors``: the policy's and value head's weights (a tied weight once, its
-  other names recorded as aliases: ``modelhost.weights``), Adam's per-parameter tensors as
+  other names recorded as aliases: ``modelhost.weights``; with LoRA only the trained ones,
+  adapters and value head, since the frozen base is the policy folder's), Adam's per-parameter tensors as
   ``optimizer/<index>/<name>``, and the torch RNG;
 - ``learner.json``: what the caller adds (KL coefficient, numpy RNG, weight version), the
   aliases, Adam's settings and scalars.
@@ -26,7 +27,9 @@ def pack_learner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta:
     from safetensors.torch import save
 
     aliases = tied_aliases(model)
-    tensors = {f"model/{name}": t.cpu().contiguous() for name, t in distinct_tensors(model).items()}
+    frozen = _frozen(model)  # LoRA's base weights: the policy folder holds them, unchanged
+    tensors = {f"model/{name}": t.cpu().contiguous() for name, t in distinct_tensors(model).items()
+               if name not in frozen}
     opt = optimizer.state_dict()
     scalars = {}
     for index, state in opt["state"].items():
@@ -36,8 +39,13 @@ def pack_learner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta:
             else:
                 scalars[f"{index}/{name}"] = value
     tensors["torch_rng"] = torch_rng
-    meta = {**meta, "aliases": aliases, "optimizer_param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+    meta = {**meta, "aliases": aliases, "frozen_omitted": bool(frozen), "optimizer_param_groups": opt["param_groups"], "optimizer_scalars": scalars}
     return {LEARNER_TENSORS: save(tensors), LEARNER_META: json.dumps(meta).encode()}
+
+
+def _frozen(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters nothing trains (LoRA's base weights)."""
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
 
 
 def unpack_learner(files: dict[str, bytes], model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -48,8 +56,15 @@ def unpack_learner(files: dict[str, bytes], model: torch.nn.Module, optimizer: t
     tensors = load(files[LEARNER_TENSORS])
     meta = json.loads(files[LEARNER_META])
     weights = {name[len("model/"):]: t for name, t in tensors.items() if name.startswith("model/")}
-    weights.update({alias: weights[target] for alias, target in meta["aliases"].items()})
-    model.load_state_dict(weights)
+    weights.update({alias: weights[target] for alias, target in meta["aliases"].items() if target in weights})
+    if meta.get("frozen_omitted"):
+        result = model.load_state_dict(weights, strict=False)
+        frozen = _frozen(model) | {a for a, target in meta["aliases"].items() if target not in weights}
+        if result.unexpected_keys or set(result.missing_keys) - frozen:
+            raise ValueError(f"the checkpoint does not fit this learner: unexpected {result.unexpected_keys[:3]}, "
+                             f"missing {sorted(set(result.missing_keys) - frozen)[:3]}")
+    else:
+        model.load_state_dict(weights)
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
         if name.startswith("optimizer/"):
