@@ -32,12 +32,16 @@ from transformers import (AutoModelForCausalLM, LogitsProcessorList, Temperature
 from actors.sampling import InverseCdfSampling, Sampler, choose_sampler, sample_responses
 from modelhost.loading import load_model_and_tokenizer
 from modelhost.process import process_info, resolve_device
-from modelhost.weights import distinct_tensors, merge_lora, numpy_copies, tied_duplicates
+from modelhost.weights import distinct_tensors, from_numpy, merge_lora, tied_duplicates, to_numpy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Rollout", "RolloutSettings", "RolloutWorker", "draw_lengths_and_seed", "left_pad", "split_texts", "InverseCdfSampling",
-           "sampling_processors", "sample_responses"]
+__all__ = ["DTYPES", "Rollout", "RolloutSettings", "RolloutWorker", "draw_lengths_and_seed", "left_pad", "split_texts",
+           "InverseCdfSampling", "sampling_processors", "sample_responses"]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Rollout policy dtypes by name (``RolloutSettings.dtype``)."""
 
 
 @dataclass
@@ -62,8 +66,13 @@ class RolloutSettings:
     """'auto': cuda if available else cpu; or any torch device string."""
     torch_threads: int = 1
     """torch.set_num_threads in the worker, so several actors on one node don't oversubscribe cores."""
+    dtype: str = "float32"
+    """The dtype of the rollout actors' policy copy: float32 (the reference), bfloat16 or float16 (half
+    the memory and weight hand-over; the learner keeps fp32 weights and its own log-probs for PPO)."""
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype '{self.dtype}' must be one of {', '.join(DTYPES)}")
         if not 1 <= self.response_min_tokens <= self.response_max_tokens:
             raise ValueError(
                 f"need 1 <= response_min_tokens <= response_max_tokens, got "
@@ -179,7 +188,7 @@ class RolloutWorker:
         self.device = resolve_device(settings.device)
         self.model, self.tokenizer = load_model_and_tokenizer(AutoModelForCausalLM, settings.policy, "policy model")
         self.eos_id = int(self.tokenizer.eos_token_id)  # also the padding of left_pad, as in the recipe
-        self.model.to(self.device).eval()
+        self.model.to(self.device, DTYPES[settings.dtype]).eval()
         self.max_positions = int(getattr(self.model.config, "n_positions",
                                          getattr(self.model.config, "max_position_embeddings", 0)))
         self.sampler: Sampler = choose_sampler(self.model)
@@ -215,7 +224,7 @@ class RolloutWorker:
             # "non-writable array" warning of torch.as_tensor does not apply.
             warnings.simplefilter("ignore", UserWarning)
             for name, value in weights.items():
-                source = torch.as_tensor(value)
+                source = from_numpy(value, params[name].dtype)
                 if source.shape != params[name].shape:
                     raise ValueError(f"load_weights: {name} has shape {tuple(source.shape)}, "
                                      f"the model's is {tuple(params[name].shape)}")
@@ -250,8 +259,8 @@ class RolloutWorker:
         return fingerprint(distinct_tensors(self.model).values())  # the learner's tensors, in its order
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        """The policy's state_dict as numpy copies, tied duplicates omitted."""
-        return numpy_copies(self.model)
+        """The policy's state_dict as numpy copies (bfloat16 as ``to_numpy`` sends it), tied duplicates omitted."""
+        return {name: to_numpy(t) for name, t in distinct_tensors(self.model).items()}
 
     def generate(self, queries: list[list[int]], step: int, shard: int) -> Rollout:
         """Samples one response per query as one batch (``self.sampler``); scores stay None."""

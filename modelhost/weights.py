@@ -43,10 +43,18 @@ def tied_duplicates(module: torch.nn.Module) -> set[str]:
     return set(tied_aliases(module))
 
 
-def numpy_copies(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The distinct tensors as numpy copies on the CPU: what goes through Ray's object store
-    (numpy arrays are read there without a copy)."""
-    return {name: tensor.to("cpu", copy=True).numpy() for name, tensor in distinct_tensors(module).items()}
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU numpy copy of ``tensor``: what goes through Ray's object store (numpy arrays are
+    read there without a copy). numpy has no bfloat16: such a tensor goes as its bits in int16,
+    which ``from_numpy`` reads back."""
+    tensor = tensor.detach().to("cpu", copy=True)
+    return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def from_numpy(value: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``to_numpy``'s array as a tensor without a copy, for a destination of ``dtype``."""
+    tensor = torch.as_tensor(value)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 and tensor.dtype == torch.int16 else tensor
 
 
 def merge_lora(base: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

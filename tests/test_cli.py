@@ -98,6 +98,8 @@ BAD = [
     (["--rollout.temperature", "0"], r"rollout: .*temperature > 0"),
     (["--rollout.top_p", "2"], r"rollout: .*0 < top_p <= 1"),
     (["--rollout.response_min_tokens", "20"], r"rollout: need 1 <= response_min_tokens <= response_max_tokens"),
+    (["--rollout.dtype", "float8"], r"rollout: dtype 'float8' must be one of float32, bfloat16, float16"),
+    (["--ppo.lora_rank", "-1"], r"ppo.lora_rank \(-1\) must be >= 0"),
     (["--rollout.temperature", "nan"], r"rollout.temperature \(nan\) must be a finite number"),
     (["--reward.max_wait_ms", "inf"], r"reward.max_wait_ms \(inf\) must be a finite number"),
     (["--cluster.torch_threads", "-1"], r"cluster.torch_threads \(-1\) must be >= 0"),

@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 
 from actors.fingerprint import fingerprint
+from actors.rollout import DTYPES
 from learner.config import PPOConfig
 from learner.core.forward import PaddedBatch, RowOrder, TokenOutputs
 from learner.core.learner import PPOLearner
 from learner.core.models import lora_factors, plain_names, save_policy
 from learner.core.state import pack_learner, unpack_learner
 from modelhost.process import process_info, resolve_device
-from modelhost.weights import distinct_tensors, merge_lora, numpy_copies
+from modelhost.weights import distinct_tensors, merge_lora, to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,14 @@ class LearnerActor:
     """One rank of the learner: the step on every rank; weights, checkpoints and export from rank 0."""
 
     def __init__(self, policy: str, ppo_cfg: PPOConfig, seed: int = 0, device: str = "auto",
-                 torch_threads: int = 0, row_order: RowOrder | None = None, rank: int = 0, world: int = 1) -> None:
-        """``rank`` of ``world`` ranks; with world > 1 the learner steps only after ``join``."""
+                 torch_threads: int = 0, row_order: RowOrder | None = None, rank: int = 0, world: int = 1,
+                 rollout_dtype: str = "float32") -> None:
+        """``rank`` of ``world`` ranks; with world > 1 the learner steps only after ``join``.
+        ``rollout_dtype``: the dtype rollout actors hold the policy in (rollout.dtype); the
+        weights are handed over in it, the learner's own stay fp32."""
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.rollout_dtype = rank, world, DTYPES[rollout_dtype]
         self.learner = PPOLearner(policy, ppo_cfg, seed, resolve_device(device), row_order)
 
     @property
@@ -116,8 +120,8 @@ class LearnerActor:
         ``lora_up/<weight name>`` and ``lora_down/<weight name>`` with weight = base + up @ down."""
         lm = self.learner.model.pretrained_model
         if self.learner.peft is None:
-            return numpy_copies(lm)
-        return {f"lora_{part}/{name}": t.detach().to("cpu", copy=True).numpy()
+            return {name: to_numpy(t.to(self.rollout_dtype)) for name, t in distinct_tensors(lm).items()}
+        return {f"lora_{part}/{name}": to_numpy(t)
                 for name, (up, down) in lora_factors(lm).items() for part, t in (("up", up), ("down", down))}
 
     def weights_fingerprint(self) -> tuple[int, list[float]]:
@@ -127,12 +131,13 @@ class LearnerActor:
 
     def rollout_weights(self) -> dict[str, torch.Tensor]:
         """The causal LM's weights as a rollout actor holds them (names of the plain model, tied
-        copies once); with LoRA each adapted weight merged as the rollout actor merges it."""
-        lm = self.learner.model.pretrained_model
+        copies once, in rollout.dtype); with LoRA each adapted weight merged into the base as the
+        rollout actor merges it."""
+        lm, dtype = self.learner.model.pretrained_model, self.rollout_dtype
         if self.learner.peft is None:
-            return distinct_tensors(lm)
+            return {name: t.to(dtype) for name, t in distinct_tensors(lm).items()}
         names, factors = plain_names(lm), lora_factors(lm)
-        plain = {names[n]: t for n, t in distinct_tensors(lm).items() if n in names}
+        plain = {names[n]: t.to(dtype) for n, t in distinct_tensors(lm).items() if n in names}
         return {n: merge_lora(t, *factors[n]) if n in factors else t for n, t in plain.items()}
 
     def state_bytes(self) -> dict[str, bytes]:

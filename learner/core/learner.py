@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -124,7 +125,11 @@ class PPOLearner:
         """This learner becomes one rank of the default process group (the caller has
         initialised it): DDP wraps the with-grad pass and starts every rank from rank 0's weights."""
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.train_pass = nn.parallel.DistributedDataParallel(self.train_pass, broadcast_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel
+        # The model's buffers are constants: no sync before every forward (its keyword since torch 2.13).
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else {"broadcast_buffers": False})
+        self.train_pass = ddp(self.train_pass, **sync)
 
     # ------------------------------------------------------------------ forward passes
 

@@ -196,7 +196,7 @@ def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "le
         name=name if r == 0 else f"{name}-rank{r}", num_cpus=roles.learner_cpus, num_gpus=roles.learner_gpus,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
     ).remote(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=max(1, threads(cfg)[0] // world), rank=r,
-             world=world) for r in range(world)]
+             world=world, rollout_dtype=cfg.rollout.dtype) for r in range(world)]
     if world > 1:
         join_ranks(ranks, c.call_timeout_s)
     return ranks
