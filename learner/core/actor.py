@@ -59,12 +59,9 @@ class LearnerActor:
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: (its node's address, a free port there), where every rank joins the group."""
-        try:
-            import ray
+        import ray  # here: the plain class also runs without Ray
 
-            host = ray.util.get_node_ip_address()
-        except Exception:  # noqa: BLE001 - outside Ray (tests): this machine
-            host = "127.0.0.1"
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         with socket.socket() as sock:
             sock.bind(("", 0))
             return host, sock.getsockname()[1]
