@@ -74,3 +74,13 @@ def test_phases_overhead_is_the_system_step_minus_the_parts_alone():
     assert r["alone/sum"] == pytest.approx(3.11)
     assert r["overhead"] == pytest.approx(0.29)
     assert r["overhead_share"] == pytest.approx(0.29 / 3.4)
+
+
+def test_memory_table_divides_the_budget_by_bytes_per_parameter():
+    memory = _load("memory")
+    assert memory.largest(20.0, 80) == pytest.approx(4.0)  # 80 GB at 20 bytes a parameter: 4B parameters
+    rows = [{"policy": "gpt2-small", "mode": "full fp32", "params": 124e6, "peak_bytes": 40 * 124e6,
+             "bytes_per_param": 40.0}, {"policy": "stand-in", "mode": "LoRA r=8", "params": 7e6,
+                                        "peak_bytes": 7e7, "bytes_per_param": 10.0}]
+    lines = memory.table(rows).splitlines()
+    assert lines[2].endswith("| 40.0 | 0.60B | 2.00B |") and lines[3].endswith("| 10.0 |  |  |")
