@@ -210,13 +210,14 @@ class Recovery:
 
     def replace_learner(self, reason: str) -> Any:
         """A new learner (its ranks in the lost one's bundles, ``start_learner`` returning their
-        handles, rank 0 first), once rank 0 answers; returns rank 0. Every rank of the old one is
+        handles, rank 0 first, or a one-rank learner's handle), once rank 0 answers; returns rank 0. Every rank of the old one is
         killed first (an unreachable rank may still run, hold its bundle, or wait on the others
         in a collective). LearnerLost if the new one dies before it answers."""
         self._spend(["learner"], "the learner", reason)
         for rank in self.fleet.learner_ranks:
             self.calls.kill(rank)
-        self.fleet.learner, *self.fleet.other_ranks = self.start_learner()
+        new = self.start_learner()  # rank 0's handle, or every rank's
+        self.fleet.learner, *self.fleet.other_ranks = new if isinstance(new, list) else [new]
         self.pings["learner"] = self._until_alive(self.fleet.learner, "the new learner", restarts=False)
         return self.fleet.learner
 
