@@ -278,7 +278,8 @@ def tiny_dataset(tmp_path_factory) -> Path:
     ("too few rows", ["--dataset", "{tiny}"], "5 reviews longer than 200 characters, fewer than one batch", 2),
     ("beyond context", ["--rollout.response_max_tokens", "300"], "exceed the policy's context of 256 positions", 2),
     ("no POSITIVE label", ["--reward-model", "{nopos}"], "reward.positive_label: the reward model has no label", 2),
-    ("more GPUs than exist", ["--cluster.learner_gpus", "2"], "asks for 2 GPUs", 1),
+    # the quick config's 2 learner ranks ask for 2 GPUs each
+    ("more GPUs than exist", ["--cluster.learner_gpus", "2"], "asks for 4 GPUs", 1),
     ("impossible batch", ["--ppo.batch_size", "100"], "ppo.batch_size (100) must be a multiple", 2),
 ])
 def test_bad_input_is_one_line(case, args, message, code, tmp_path, no_positive_model, textless_dataset,
