@@ -108,7 +108,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--one", nargs=2, metavar=("POLICY", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=2, metavar=("POLICY", "MODE"),
+                        help="measure one policy folder in one mode in this process (what each row's process runs)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     if args.one:
