@@ -257,8 +257,8 @@ def test_dashboard_api_lists_the_named_actors_with_the_token_and_refuses_without
     seen = quick_run.dashboard
     assert seen.get("status") == 200, seen
     alive = {a["name"]: a["class_name"] for a in seen["actors"] if a["state"] == "ALIVE"}
-    assert alive == {"learner": "LearnerActor", "rollout-0": "RolloutWorker", "rollout-1": "RolloutWorker",
-                     "rewards-0": "RewardServer"}, alive
+    assert alive == {"learner": "LearnerActor", "learner-rank1": "LearnerActor",  # the quick config's 2 DDP ranks
+                     "rollout-0": "RolloutWorker", "rollout-1": "RolloutWorker", "rewards-0": "RewardServer"}, alive
     assert {a["ray_namespace"] for a in seen["actors"]} == {"ppo-quick"}
     assert seen["status_without_token"] == 401
     assert seen["status_wrong_token"] == 403
