@@ -207,7 +207,9 @@ def submit_run(c: LocalCluster, policy_dir: Path, reward_dir: Path, imdb_dir: Pa
            # Ray copies the repo elsewhere: absolute paths, not stand-in.yaml's relative ones.
            "--policy", str(policy_dir), "--reward-model", str(reward_dir), "--dataset", str(imdb_dir),
            "--run.steps", "2", "--ppo.batch_size", "16", "--ppo.mini_batch_size", "16",
-           "--cluster.num_rollout_workers", "2", "--cluster.placement_strategy", "SPREAD",
+           # one learner bundle (stand-in.yaml has 2 DDP ranks): SPREAD's first three bundles are
+           # then the learner and both rollout actors, on the three nodes
+           "--cluster.num_rollout_workers", "2", "--cluster.learner_processes", "1", "--cluster.placement_strategy", "SPREAD",
            "--cluster.placement_timeout_s", "60", "--cluster.call_timeout_s", "120",
            "--run.name", RUN_NAME, "--out-dir", str(out_dir)]
     t0 = time.monotonic()
