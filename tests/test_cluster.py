@@ -209,7 +209,8 @@ def submit_run(c: LocalCluster, policy_dir: Path, reward_dir: Path, imdb_dir: Pa
            "--run.steps", "2", "--ppo.batch_size", "16", "--ppo.mini_batch_size", "16",
            # one learner bundle (stand-in.yaml has 2 DDP ranks): SPREAD's first three bundles are
            # then the learner and both rollout actors, on the three nodes
-           "--cluster.num_rollout_workers", "2", "--cluster.learner_processes", "1", "--cluster.placement_strategy", "SPREAD",
+           "--cluster.num_rollout_workers", "2", "--cluster.learner_processes", "1",
+           "--cluster.placement_strategy", "SPREAD",
            "--cluster.placement_timeout_s", "60", "--cluster.call_timeout_s", "120",
            "--run.name", RUN_NAME, "--out-dir", str(out_dir)]
     t0 = time.monotonic()
