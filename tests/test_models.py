@@ -90,8 +90,8 @@ def _queries(worker: RolloutWorker) -> list[list[int]]:
 class LengthScorer:
     """A scorer in this process: longer texts score higher."""
 
-    def score(self, texts: list[str]) -> list[float]:
-        return [len(text) / 50 for text in texts]
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [len(p + r) / 50 for p, r in zip(prompts, responses)]
 
 
 def test_the_kv_cache_loop_takes_the_tokens_generate_takes(policy: Path):
