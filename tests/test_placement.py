@@ -88,6 +88,8 @@ def test_default_run_completes_on_a_one_gpu_machine(tmp_path: Path, policy_dir: 
         cmd = [sys.executable, "-m", "learner.main", "--config", "configs/stand-in-quick.yaml",
                "--address", c.gcs_address, "--run.steps", "2", "--run.report_queries", "0",
                "--cluster.placement_timeout_s", "60", "--cluster.call_timeout_s", "120",
+               # one learner rank: under NCCL each DDP rank needs a GPU of its own
+               "--cluster.learner_processes", "1",
                "--out-dir", str(tmp_path), "--run.name", "one-gpu"]
         proc = subprocess.run(cmd, cwd=REPO, env=c.env, capture_output=True, text=True, timeout=360)
     out = proc.stdout + proc.stderr
