@@ -23,7 +23,19 @@ from learner.records.rundir import RunDir
 from test_recovery import Died, FakeActor, FakeCalls, Unreachable, _recovery, _rollout_calls
 
 
-class FakeLearner:
+class RemoteMethods:
+    """``handle.method.remote(*args)`` as a Ray handle has it: a ref that answers when fetched."""
+
+    def __getattr__(self, method: str):
+        actor = self
+
+        class Method:
+            def remote(self, *args):
+                return lambda: actor.answer(method, args)
+        return Method()
+
+
+class FakeLearner(RemoteMethods):
     """A learner handle whose process dies at the n-th call of a method (``dies_at``): that call
     and every later one, pings included, raise Died. ``unreachable_at`` makes one call raise
     Unreachable while the process lives on."""
@@ -33,13 +45,6 @@ class FakeLearner:
         self.name, self.dies_at, self.unreachable_at = name, dies_at, unreachable_at
         self.instance, self.dead, self.version, self.calls = uuid.uuid4().hex, False, 0, []
 
-    def __getattr__(self, method: str):
-        actor = self
-
-        class Method:
-            def remote(self, *args):
-                return lambda: actor.answer(method, args)
-        return Method()
 
     def answer(self, method: str, args):
         if self.dead:
@@ -201,7 +206,7 @@ def test_an_unreachable_rollout_actor_is_waited_for_not_counted():
     assert rec.deaths == 0 and resent == [[]]
 
 
-class FakeRollout:
+class FakeRollout(RemoteMethods):
     """A rollout actor handle: holds a weight version; Ray restarting it (``restart``) gives a
     new process that holds the weights it loaded from disk (version 0)."""
 
@@ -211,13 +216,6 @@ class FakeRollout:
     def restart(self) -> None:
         self.instance, self.version = uuid.uuid4().hex, 0
 
-    def __getattr__(self, method: str):
-        actor = self
-
-        class Method:
-            def remote(self, *args):
-                return lambda: actor.answer(method, args)
-        return Method()
 
     def answer(self, method: str, args):
         from types import SimpleNamespace
