@@ -5,10 +5,11 @@
 
 Two runs of the same settings, one after the other (never at once: they share the cores):
 
-- **alone**: the plain classes in this one process, without Ray: ``RolloutWorker.generate`` for each
-  shard (the rollout actors' torch threads), ``SentimentScorer.score`` of the whole batch (the reward
-  actor's threads), ``LearnerActor.step`` (the learner's threads) and the in-process weight hand-over
-  (``learner.weights()`` then ``load_weights`` into each worker). The data stream, seeds and thread
+- **alone**: the plain classes without Ray: ``RolloutWorker.generate`` for each shard (the rollout
+  actors' torch threads), ``SentimentScorer.score`` of the whole batch (the reward actor's
+  threads), ``LearnerActor.step`` on every learner rank (rank 0 in this process, the others in
+  processes of their own, one DDP group over gloo, each with a rank's threads) and the in-process
+  weight hand-over (rank 0's ``weights()`` then ``load_weights`` into each worker). The data stream, seeds and thread
   counts are the ones ``python -m learner.main`` gives its actors;
 - **system**: ``python -m learner.main`` with the same settings; its ``stats.jsonl`` gives the
   driver's phase times.
@@ -41,15 +42,77 @@ sys.path.insert(0, str(REPO))
 PHASES = ("broadcast", "generate", "score", "update")
 
 
+def _peer_rank(cfg, rank: int, address: tuple[str, int], torch_threads: int, conn) -> None:
+    """A learner rank beyond rank 0 in its own process (a Ray actor in the system): joins the
+    ranks' group, then runs ``step`` on each batch rank 0 sends until it sends None."""
+    from learner.core.actor import LearnerActor
+
+    world = cfg.cluster.learner_processes
+    learner = LearnerActor(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=torch_threads, rank=rank,
+                           world=world, rollout_dtype=cfg.rollout.dtype)
+    learner.join(address, min(cfg.cluster.call_timeout_s, 120.0))
+    conn.send("joined")
+    while (batch := conn.recv()) is not None:
+        learner.step(*batch)
+        conn.send("stepped")
+    learner.close()
+
+
+class AloneLearner:
+    """The learner's ranks as the system has them, without Ray: rank 0 in this process, the
+    others in processes of their own, one DDP group, each rank with the system's thread count."""
+
+    def __init__(self, cfg) -> None:
+        import multiprocessing
+
+        from learner.core.actor import LearnerActor
+        from learner.orchestration.placement import threads
+
+        world = cfg.cluster.learner_processes
+        self.rank_threads = max(1, threads(cfg)[0] // world)  # as spawn_learner gives each rank
+        self.rank0 = LearnerActor(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=self.rank_threads,
+                                  rank=0, world=world, rollout_dtype=cfg.rollout.dtype)
+        self.peers = []
+        if world > 1:
+            address = self.rank0.rendezvous()
+            ctx = multiprocessing.get_context("spawn")
+            for rank in range(1, world):
+                ours, theirs = ctx.Pipe()
+                proc = ctx.Process(target=_peer_rank, args=(cfg, rank, address, self.rank_threads, theirs), daemon=True)
+                proc.start()
+                self.peers.append((proc, ours))
+            # A peer that dies before joining leaves rank 0 waiting: not for the run's whole timeout.
+            self.rank0.join(address, min(cfg.cluster.call_timeout_s, 120.0))
+            for _, conn in self.peers:
+                conn.recv()
+
+    def step(self, queries, responses, scores) -> dict[str, float]:
+        """Every rank steps on the same batch at once; rank 0's statistics (the whole batch's)."""
+        import torch
+
+        for _, conn in self.peers:
+            conn.send((queries, responses, scores))
+        torch.set_num_threads(self.rank_threads)
+        stats = self.rank0.step(queries, responses, scores)
+        for _, conn in self.peers:
+            conn.recv()
+        return stats
+
+    def close(self) -> None:
+        for proc, conn in self.peers:
+            conn.send(None)
+            proc.join(timeout=60)
+        self.rank0.close()
+
+
 def run_alone(cfg, steps: int) -> list[dict[str, float]]:
-    """The step's parts in this process, each timed alone, with the system's thread counts."""
+    """The step's parts without Ray, each timed alone, with the system's thread counts."""
     import torch
 
     from learner.orchestration.data import PromptStream, load_texts
     from learner.orchestration.driver import shard_bounds
     from learner.core.models import load_tokenizer
     from learner.orchestration.placement import threads
-    from learner.core.actor import LearnerActor
     from actors.rollout import RolloutWorker
     from rewards.scorer import SentimentScorer
 
@@ -60,14 +123,13 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
     workers = [RolloutWorker(cfg.rollout.for_actor(seed=cfg.run.seed, torch_threads=rollout_threads))
                for _ in range(n)]
     scorer = SentimentScorer(cfg.reward.for_actor(torch_threads=learner_threads))
-    # One learner rank here (its DDP peers are Ray actors in the system), with a rank's threads.
-    learner = LearnerActor(cfg.policy, cfg.ppo, seed=cfg.run.seed, torch_threads=learner_threads)
+    learner = AloneLearner(cfg)
     shards = shard_bounds(cfg.ppo.batch_size, n)
     rows = []
     for step in range(steps):
         torch.set_num_threads(learner_threads)
         t0 = time.perf_counter()
-        version, weights = learner.weights()
+        version, weights = learner.rank0.weights()
         loads = []
         for w in workers:  # the actors load at the same time in the system: the slowest counts
             t = time.perf_counter()
@@ -85,7 +147,6 @@ def run_alone(cfg, steps: int) -> list[dict[str, float]]:
         t = time.perf_counter()
         scores = scorer.score([text for ro in rollouts for text in ro.texts])
         score = time.perf_counter() - t
-        torch.set_num_threads(max(1, learner_threads // cfg.cluster.learner_processes))  # as each learner rank
         t = time.perf_counter()
         stats = learner.step(queries, [r for ro in rollouts for r in ro.responses], scores)
         update = time.perf_counter() - t

@@ -84,3 +84,28 @@ def test_memory_table_divides_the_budget_by_bytes_per_parameter():
                                         "peak_bytes": 7e7, "bytes_per_param": 10.0}]
     lines = memory.table(rows).splitlines()
     assert lines[2].endswith("| 40.0 | 0.60B | 2.00B |") and lines[3].endswith("| 10.0 |  |  |")
+
+
+def test_phases_alone_side_steps_as_the_systems_ranks(monkeypatch):
+    """phases.py's alone side runs the learner as the system does, 2 DDP ranks here: the step's
+    statistics are one rank's, up to float summation order (the comparison is void otherwise)."""
+    from learner.config import parse_args, resolve_local_paths
+    from learner.core.actor import LearnerActor
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the peer rank's process imports phases by name
+    import phases as importable_phases
+    cfg = resolve_local_paths(parse_args(["--config", "configs/stand-in-quick.yaml", "--ppo.batch_size", "4",
+                                          "--ppo.mini_batch_size", "4", "--cluster.learner_processes", "2"]))
+    batch = ([[10, 11, 12], [13, 14], [15, 16, 17, 18], [19]], [[20, 21], [22], [23, 24, 25], [26, 27]],
+             [0.5, -0.2, 1.0, 0.1])
+    one = LearnerActor(cfg.policy, cfg.ppo, seed=cfg.run.seed).step(*batch)
+    ranks = importable_phases.AloneLearner(cfg)
+    try:
+        assert len(ranks.peers) == 1 and ranks.peers[0][0].is_alive()
+        two = ranks.step(*batch)
+    finally:
+        ranks.close()
+    assert not ranks.peers[0][0].is_alive()
+    for key in ("objective/kl", "ppo/loss/total", "ppo/policy/approxkl", "env/reward_mean"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

@@ -23,7 +23,7 @@ from localcluster import started_cluster
 def fits(roles: Roles, cluster: ClusterConfig, gpus: int) -> bool:
     """First-fit of every role's share onto ``gpus`` GPUs of one node, as Ray packs fractions:
     a share below 1 never spans two GPUs."""
-    shares = [roles.learner_gpus] + [roles.rollout_gpus] * cluster.num_rollout_workers \
+    shares = [roles.learner_gpus] * cluster.learner_processes + [roles.rollout_gpus] * cluster.num_rollout_workers \
         + [roles.reward_gpus] * cluster.num_reward_workers
     free = [1.0] * gpus
     for share in sorted(shares, reverse=True):
@@ -59,6 +59,25 @@ def test_several_gpus_give_the_learner_its_own(gpus: int, rollouts: int, share: 
     assert roles.learner_gpus == 1.0
     assert roles.rollout_gpus == roles.reward_gpus == share
     assert fits(roles, cluster, gpus)
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_ranks_that_would_share_a_gpu_are_refused(gpus: int):
+    cluster = ClusterConfig(learner_processes=2)
+    with pytest.raises(PlacementError, match=rf"learner_processes=2 .* this machine has {gpus}: set "
+                                             rf"--cluster.learner_processes {max(1, gpus - 1)}"):
+        plan_roles(cluster, [float(gpus)])
+    with pytest.raises(PlacementError, match=r"learner_gpus=0.5 .* needs a whole GPU"):
+        plan_roles(ClusterConfig(learner_processes=2, learner_gpus=0.5), [4.0])
+
+
+def test_ranks_get_a_gpu_each_where_there_are_enough():
+    cluster = ClusterConfig(learner_processes=2)
+    roles = plan_roles(cluster, [3.0])  # two for the ranks, one shared by 2 rollout + 1 reward actors
+    assert roles.learner_gpus == 1.0 and roles.rollout_gpus == roles.reward_gpus == 0.3333
+    assert fits(roles, cluster, 3)
+    assert plan_roles(ClusterConfig(learner_processes=2, learner_gpus=0.0), [1.0]).learner_gpus == 0.0  # CPU ranks
+    assert plan_roles(cluster, [0.0, 1.0, 1.0, 1.0]).learner_gpus == 1.0  # a cluster: a GPU per role
 
 
 def test_multi_node_cluster_gets_one_gpu_per_role():

@@ -95,12 +95,26 @@ def plan_roles(cluster: ClusterConfig, gpus_per_node: list[float]) -> Roles:
     - one node with several: each learner rank gets a GPU of its own, rollout and reward actors
       share the rest (a share never spans two GPUs, so each is 1/k of one GPU);
     - several nodes with GPUs: one GPU per role (an autoscaler adds GPU nodes as needed).
+
+    Several learner ranks on GPUs need a whole GPU each: NCCL refuses two ranks of one group on
+    one device, and a fractional share may land them there. A plan that would do so is a
+    PlacementError saying what to change.
     """
     n, r, w = cluster.num_rollout_workers, cluster.num_reward_workers, cluster.learner_processes
     gpu_nodes = [g for g in gpus_per_node if g > 0]
+    if w > 1 and 0 < cluster.learner_gpus < 1:
+        raise PlacementError(f"cluster.learner_gpus={cluster.learner_gpus:g} with cluster.learner_processes={w}: each "
+                             "data-parallel rank needs a whole GPU (NCCL puts one rank on a device); set "
+                             "--cluster.learner_gpus 1, or --cluster.learner_processes 1")
     if not gpu_nodes:
         auto_learner = auto_other = 0.0
     elif len(gpus_per_node) == 1 and gpu_nodes[0] < w + 1:
+        if w > 1 and cluster.learner_gpus < 0:
+            g = int(gpu_nodes[0])
+            raise PlacementError(
+                f"cluster.learner_processes={w} data-parallel ranks need a GPU each (NCCL puts one rank on a device) "
+                f"and the rollout and reward actors one more, but this machine has {g}: set "
+                f"--cluster.learner_processes {max(1, g - 1)}, or --cluster.learner_gpus 0 to keep the learner on CPU")
         auto_learner = auto_other = _share(w + n + r, int(gpu_nodes[0]) or 1)
     elif len(gpus_per_node) == 1:
         auto_learner, auto_other = 1.0, _share(n + r, int(gpu_nodes[0]) - w)
