@@ -173,6 +173,15 @@ def sampling_processors(settings: RolloutSettings, generator: torch.Generator) -
     return LogitsProcessorList([*warpers, InverseCdfSampling(generator)])
 
 
+def end_ids(eos_id: int, model: Any) -> tuple[int, ...]:
+    """The ids that end a response: the tokenizer's EOS first, then any other EOS the model's
+    generation config names (chat models end a turn with their own token: Llama 3's
+    ``<|eot_id|>``, Qwen's ``<|im_end|>``), as ``generate`` stops at any of them."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return tuple(dict.fromkeys([eos_id, *(int(i) for i in configured)]))
+
+
 class RolloutWorker:
     """Generates (and optionally scores) one shard of a PPO step's queries with the current policy."""
 
@@ -189,6 +198,7 @@ class RolloutWorker:
         self.model, self.tokenizer = load_model_and_tokenizer(AutoModelForCausalLM, settings.policy, "policy model")
         self.eos_id = int(self.tokenizer.eos_token_id)  # also the padding of left_pad, as in the recipe
         self.model.to(self.device, DTYPES[settings.dtype]).eval()
+        self.end_ids = end_ids(self.eos_id, self.model)
         self.max_positions = int(getattr(self.model.config, "n_positions",
                                          getattr(self.model.config, "max_position_embeddings", 0)))
         self.sampler: Sampler = choose_sampler(self.model)
@@ -270,7 +280,7 @@ class RolloutWorker:
         input_ids, attention_mask = left_pad(queries, self.eos_id)
         generator = torch.Generator(self.device).manual_seed(torch_seed)
         responses, logprobs = self.sampler.sample(
-            input_ids.to(self.device), attention_mask.to(self.device), lengths, self.eos_id,
+            input_ids.to(self.device), attention_mask.to(self.device), lengths, self.end_ids,
             sampling_processors(self.settings, generator))
         texts = self.tokenizer.batch_decode([q + r for q, r in zip(queries, responses)],
                                             skip_special_tokens=True)

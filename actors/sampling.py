@@ -1,8 +1,9 @@
 """Sampling a batch of left-padded queries, each row up to its own drawn length, behind one interface.
 
-A ``Sampler`` takes the left-padded batch, each row's drawn length, the EOS id and the logits
-processors that pick each token (``actors.rollout.sampling_processors``), and returns each row's
-response, cut at its drawn length and after its first EOS (EOS kept), with the log-prob of every
+A ``Sampler`` takes the left-padded batch, each row's drawn length, the ids that end a response
+(the tokenizer's EOS and any other the model's generation config names, e.g. a chat model's
+end-of-turn) and the logits processors that pick each token (``actors.rollout.sampling_processors``),
+and returns each row's response, cut at its drawn length and after its first end id (kept), with the log-prob of every
 response token under the raw policy (fp32 logits, before any warper). Two backends:
 
 - ``CacheLoopSampler`` (``sample_responses``): a hand-written KV-cache loop in which a finished row
@@ -30,6 +31,18 @@ logger = logging.getLogger(__name__)
 
 Responses = tuple[list[list[int]], list[list[float]]]
 """Each row's response token ids (B, Lr_i) and their log-probs (B, Lr_i)."""
+
+EosIds = int | Sequence[int]
+"""The token id(s) that end a response; the first is also the padding ``generate`` is given."""
+
+
+def _eos_tuple(eos: EosIds) -> tuple[int, ...]:
+    return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
+
+
+def _cut(row: list[int], eos: tuple[int, ...]) -> int:
+    """The length of ``row`` up to and with its first end id (the whole row if none)."""
+    return next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
 
 
 class InverseCdfSampling(LogitsProcessor):
@@ -61,10 +74,10 @@ class Sampler(Protocol):
     name: str
     """What the worker logs and reports (``RolloutWorker.ping``)."""
 
-    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: Sequence[int], eos_id: int,
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: Sequence[int], eos: EosIds,
                processors: LogitsProcessorList) -> Responses:
         """input_ids and attention_mask (B, P), left-padded; row i stops after ``lengths[i]`` tokens or
-        at its first EOS (kept). ``processors`` pick each token: their output must be topped by
+        at its first id of ``eos`` (kept). ``processors`` pick each token: their output must be topped by
         the drawn token only (``InverseCdfSampling`` last), since the pick is their argmax."""
         ...
 
@@ -120,17 +133,18 @@ def _new_cache(model: PreTrainedModel) -> DynamicCache:
 
 
 def sample_responses(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     lengths: Sequence[int], eos_id: int, processors: LogitsProcessorList) -> Responses:
+                     lengths: Sequence[int], eos: EosIds, processors: LogitsProcessorList) -> Responses:
     """The KV-cache loop: samples one response per left-padded row (B, P), token by token;
     returns each row's tokens (B, Lr_i) and their log-probs (B, Lr_i).
 
-    A row stops at its drawn length ``lengths[i]`` or at its first EOS (kept), and then leaves
+    A row stops at its drawn length ``lengths[i]`` or at its first id of ``eos`` (kept), and then leaves
     the batch and the cache, so no row is computed past its end (``generate`` runs every row to
     the longest drawn length). Each token is drawn by ``processors``, whose output only the
     drawn token tops (``InverseCdfSampling``). Log-probs come from the raw logits (before any
     warper) in fp32: the policy's own log pi(token | prefix), the quantity PPO's ratio needs.
     """
     device = input_ids.device
+    stop = torch.tensor(_eos_tuple(eos), device=device)
     responses: list[list[int]] = [[] for _ in lengths]
     logprobs: list[list[float]] = [[] for _ in lengths]
     rows = list(range(len(lengths)))  # the rows still sampling, as indices into the batch
@@ -148,7 +162,7 @@ def sample_responses(model: PreTrainedModel, input_ids: torch.Tensor, attention_
             for i, tok, lp in zip(rows, token.tolist(), logp.tolist()):
                 responses[i].append(tok)
                 logprobs[i].append(lp)
-            going = (token != eos_id) & (limit > t + 1)  # (b,)
+            going = ~torch.isin(token, stop) & (limit > t + 1)  # (b,)
             if not bool(going.any()):
                 break
             positions = positions[:, -1:] + 1  # (b, 1)
@@ -180,12 +194,13 @@ class _SamplingRowsOnly(LogitsProcessor):
     sampling row and step, in row order, as the KV-cache loop draws, so both backends draw the same
     tokens from the same generator."""
 
-    def __init__(self, processors: LogitsProcessorList, width: int, limit: torch.Tensor, eos_id: int) -> None:
-        self.processors, self.width, self.limit, self.eos_id = processors, width, limit, eos_id
+    def __init__(self, processors: LogitsProcessorList, width: int, limit: torch.Tensor, stop: torch.Tensor) -> None:
+        self.processors, self.width, self.limit, self.stop = processors, width, limit, stop
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         new = input_ids[:, self.width:]  # (B, t): the tokens generated so far
-        sampling = ((new != self.eos_id).all(dim=-1) & (self.limit > new.shape[1])).nonzero().squeeze(-1)  # (b,)
+        ended = torch.isin(new, self.stop).any(dim=-1)  # (B,)
+        sampling = (~ended & (self.limit > new.shape[1])).nonzero().squeeze(-1)  # (b,)
         out = scores.clone()  # finished rows: any pick, generate pads it
         if len(sampling):
             out[sampling] = self.processors(input_ids[sampling], scores[sampling])
@@ -193,26 +208,26 @@ class _SamplingRowsOnly(LogitsProcessor):
 
 
 def generate_responses(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       lengths: Sequence[int], eos_id: int, processors: LogitsProcessorList) -> Responses:
+                       lengths: Sequence[int], eos: EosIds, processors: LogitsProcessorList) -> Responses:
     """``sample_responses`` through transformers' ``generate``: greedy picks over the processed
     scores (the processors' draw), every row run until all have ended, then each cut at its drawn
-    length and after its first EOS (EOS kept). Log-probs from generate's raw fp32 logits.
+    length and after its first id of ``eos`` (kept). Log-probs from generate's raw fp32 logits.
 
     ``generate`` builds position ids that count real tokens from the attention mask itself (as
     the loop does, for left padding). Only the generation config given here counts: the model's
     own (generation_config.json: penalties, minimum lengths, ...) is set aside for the call.
     """
-    width = input_ids.shape[1]
+    width, eos = input_ids.shape[1], _eos_tuple(eos)
     limit = torch.tensor(list(lengths), device=input_ids.device)  # (B,)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max(lengths), min_length=0,
-                              eos_token_id=eos_id, pad_token_id=eos_id,
+                              eos_token_id=list(eos), pad_token_id=eos[0],
                               output_logits=True, return_dict_in_generate=True)
     own, model.generation_config = model.generation_config, GenerationConfig()
     try:
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  logits_processor=LogitsProcessorList(
-                                     [_SamplingRowsOnly(processors, width, limit, eos_id)]),
+                                     [_SamplingRowsOnly(processors, width, limit, torch.tensor(eos, device=input_ids.device))]),
                                  stopping_criteria=StoppingCriteriaList([_DrawnLengths(width, limit)]))
     finally:
         model.generation_config = own
@@ -222,7 +237,7 @@ def generate_responses(model: PreTrainedModel, input_ids: torch.Tensor, attentio
     responses, logprobs = [], []
     for row, row_logp, length in zip(tokens.tolist(), logp.tolist(), lengths):
         row = row[:length]
-        n = row.index(eos_id) + 1 if eos_id in row else len(row)
+        n = _cut(row, eos)
         responses.append(row[:n])
         logprobs.append(row_logp[:n])
     return responses, logprobs
@@ -236,9 +251,9 @@ class _ModelSampler:
     name: ClassVar[str]
     draw: ClassVar[Callable[..., Responses]]
 
-    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: Sequence[int], eos_id: int,
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: Sequence[int], eos: EosIds,
                processors: LogitsProcessorList) -> Responses:
-        return self.draw(self.model, input_ids, attention_mask, lengths, eos_id, processors)
+        return self.draw(self.model, input_ids, attention_mask, lengths, eos, processors)
 
 
 class CacheLoopSampler(_ModelSampler):

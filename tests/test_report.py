@@ -18,7 +18,7 @@ import yaml
 
 from learner.config import Config
 from learner.report import main
-from learner.records.report import (COLUMNS, TABLE_MD, held_out_queries, histogram_grid, load_run_config, make_report,
+from learner.records.report import (COLUMNS, reward_axis, TABLE_MD, held_out_queries, histogram_grid, load_run_config, make_report,
                             md_cell, plot_rewards, reward_series)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,3 +190,15 @@ def test_run_dir_without_policy_is_an_error(tmp_path: Path, run_dir: Path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "policy/" in err[0]
 
+
+
+def test_figure_axis_names_the_runs_reward():
+    from dataclasses import replace
+
+    from rewards.settings import SourceSpec
+
+    cfg = Config()
+    assert reward_axis(cfg) == "reward (POSITIVE logit)"
+    mixed = replace(cfg, reward=replace(cfg.reward, sources=(SourceSpec("sentiment", 1.0, model="m"),
+                                                             SourceSpec("brevity", 0.5, function="b:brevity"))))
+    assert reward_axis(mixed) == "reward (1 * sentiment + 0.5 * brevity)"

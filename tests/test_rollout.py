@@ -137,6 +137,34 @@ def test_backends_draw_the_same_tokens_from_the_same_seed(eos_worker: RolloutWor
     assert {n for n, _ in ends} >= {1, 2, 3, 4} and (True in {e for _, e in ends}), "rows must end at many steps"
 
 
+def test_any_end_id_of_the_generation_config_ends_a_response(worker: RolloutWorker, queries, monkeypatch):
+    """A chat model ends a turn with a token of its own besides the tokenizer's EOS (its
+    generation config lists both): either one ends a response, in both backends alike."""
+    from actors.rollout import end_ids
+
+    eos = worker.eos_id
+    monkeypatch.setattr(worker.model.generation_config, "eos_token_id", [eos, 11, eos])
+    assert end_ids(eos, worker.model) == (eos, 11)
+    monkeypatch.setattr(worker.model.generation_config, "eos_token_id", None)
+    assert end_ids(eos, worker.model) == (eos,)
+    # Make the commonest response token an end id, so that many rows end early by it.
+    tokens = [t for step in range(2) for r in worker.generate(queries, step, 0).responses for t in r[:-1]]
+    turn_end = max(set(tokens), key=tokens.count)
+    monkeypatch.setattr(worker, "end_ids", (eos, turn_end))
+    by_loop = [worker.generate(queries, step, 0) for step in range(2)]
+    ended_by_turn = 0
+    for step, out in enumerate(by_loop):
+        drawn, _ = draw_lengths_and_seed(worker.settings, step, 0, len(queries))
+        for response, length in zip(out.responses, drawn):
+            assert not {eos, turn_end} & set(response[:-1]), "an end id must end the response"
+            assert len(response) == length or response[-1] in (eos, turn_end)
+            ended_by_turn += len(response) < length and response[-1] == turn_end
+    assert ended_by_turn > 0
+    monkeypatch.setattr(worker, "sampler", GenerateSampler(worker.model))
+    for step, expected in enumerate(by_loop):
+        assert worker.generate(queries, step, 0).responses == expected.responses
+
+
 def tiny_lm(vocab: int, seed: int) -> GPT2LMHeadModel:
     """A 1-layer random GPT-2 with large initial weights, so its next-token distributions are far
     from uniform and depend on the position."""

@@ -166,8 +166,10 @@ def histogram_grid(steps: np.ndarray, scores: list[np.ndarray], bins: int | None
     return step_edges, edges, share
 
 
-def plot_rewards(run_dir: Path, out: Path | None = None, title: str | None = None) -> Path:
-    """reward.png: mean +- std per step (top) and the per-step reward distribution (bottom)."""
+def plot_rewards(run_dir: Path, out: Path | None = None, title: str | None = None,
+                 ylabel: str = "reward") -> Path:
+    """reward.png: mean +- std per step (top) and the per-step reward distribution (bottom).
+    ``ylabel`` names the reward on both axes (``reward_axis`` of the run's config)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +187,7 @@ def plot_rewards(run_dir: Path, out: Path | None = None, title: str | None = Non
                  label="mean")
     ax_mean.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
     _plot_eval(ax_mean, run_dir)
-    ax_mean.set_ylabel("reward (POSITIVE logit)")
+    ax_mean.set_ylabel(ylabel)
     ax_mean.set_title(f"batch reward: mean ± std per step (from {source})", fontsize=10)
     ax_mean.legend(loc="best", fontsize=8)
     ax_mean.grid(alpha=0.3)
@@ -205,7 +207,7 @@ def plot_rewards(run_dir: Path, out: Path | None = None, title: str | None = Non
                      ha="center", va="center", transform=ax_dist.transAxes, color="grey")
         ax_dist.set_title("reward distribution per step", fontsize=10)
     ax_dist.set_xlabel("PPO step")
-    ax_dist.set_ylabel("reward (POSITIVE logit)")
+    ax_dist.set_ylabel(ylabel)
     ax_mean.set_xlim(steps.min() - 0.5, steps.max() + 0.5)
     ax_mean.tick_params(labelbottom=True)
     fig.savefig(out, dpi=120)
@@ -361,6 +363,14 @@ def reward_words(cfg: "Config") -> str:
     return " + ".join(f"{s.weight:g} * {s.name} (`{s.model or s.function or s.url}`)" for s in r.source_specs())
 
 
+def reward_axis(cfg: "Config") -> str:
+    """The figure's axis label: the classifier's label logit, or the sources of the reward."""
+    r = cfg.reward
+    if not (r.function or r.url or r.sources):
+        return f"reward ({r.positive_label} logit)"
+    return "reward (" + " + ".join(f"{s.weight:g} * {s.name}" for s in r.source_specs()) + ")"
+
+
 def make_report(run_dir: Path, n_queries: int = 16, seed: int = 0,
                 torch_threads: int | None = None, functions: dict[str, Any] | None = None) -> dict[str, Any]:
     """Writes reward.png, before_after.md and before_after.csv into run_dir.
@@ -374,7 +384,8 @@ def make_report(run_dir: Path, n_queries: int = 16, seed: int = 0,
     _check_run_dir(run_dir)
     cfg = load_run_config(run_dir)
     try:
-        figure: Path | None = plot_rewards(run_dir, title=f"Reward over PPO steps: {cfg.run.name or run_dir.name}")
+        figure: Path | None = plot_rewards(run_dir, title=f"Reward over PPO steps: {cfg.run.name or run_dir.name}",
+                                           ylabel=reward_axis(cfg))
     except ReportError as err:
         log.warning("%s; %s not written", err, FIGURE)
         figure = None
