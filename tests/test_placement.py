@@ -119,3 +119,40 @@ def test_default_run_completes_on_a_one_gpu_machine(tmp_path: Path, policy_dir: 
     assert re.search(r"plan: learner +on \S+ +0.25 GPU", out), out[-3000:]  # the plan is printed at start
     assert all(where["device"] == "cpu" for where in actors.values())  # torch sees no CUDA here
     assert len((tmp_path / "one-gpu" / "stats.jsonl").read_text().splitlines()) == 2
+
+
+class _JoiningRank:
+    """Stands for a learner rank in ``join_ranks``: rank 1 of the group dies while joining."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def rendezvous(self) -> tuple[str, int]:
+        return "127.0.0.1", 0
+
+    def join(self, address, timeout_s: float) -> None:
+        import os
+        import time
+
+        if self.rank == 1:
+            os._exit(1)
+        time.sleep(timeout_s)  # rank 0 waits in the rendezvous for the rank that never comes
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def test_a_rank_that_dies_while_joining_fails_the_join_at_once_and_every_rank_goes(ray_local):
+    import time
+
+    from learner.orchestration.placement import join_ranks
+
+    ray = ray_local
+    ranks = [ray.remote(_JoiningRank).options(num_cpus=0, max_restarts=0).remote(r) for r in range(2)]
+    t0 = time.monotonic()
+    with pytest.raises(ray.exceptions.RayActorError):
+        join_ranks(ranks, timeout_s=60)
+    assert time.monotonic() - t0 < 30, "the join must not wait for rank 0's timeout"
+    for rank in ranks:  # rank 0, left waiting, is killed too (it would hold its bundle)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(rank.ping.remote(), timeout=30)

@@ -347,6 +347,24 @@ def test_a_lost_learner_rank_is_a_lost_learner_and_the_whole_group_is_replaced()
     assert rec.replace_learner("rank 1 died") is group[0] and fleet.learner_ranks == group
 
 
+def test_a_rank_lost_while_the_new_group_joins_is_a_lost_learner_again():
+    """The driver replaces the learner again (each death counted) when a rank of the new group
+    dies while the ranks join, rather than stopping on Ray's error."""
+    from learner.orchestration.recovery import LearnerLost
+
+    rec, fleet, _ = _recovery()
+
+    def join_fails():
+        raise Died("learner-rank1 died while joining")
+    rec.start_learner = join_fails
+    with pytest.raises(LearnerLost, match=r"a rank of the new learner died while the ranks joined \(.*joining\)"):
+        rec.replace_learner("rank 1 died")
+    assert rec.deaths == 1
+    group = [FakeActor("learner-2"), FakeActor("learner-2-rank1")]
+    rec.start_learner = lambda: group
+    assert rec.replace_learner("a rank of the new learner died") is group[0] and rec.deaths == 2
+
+
 def test_an_error_every_learner_rank_meets_is_raised_as_it_is():
     rec, fleet, _ = _recovery()
     fleet.other_ranks = [FakeActor("learner-rank1")]

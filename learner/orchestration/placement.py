@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,9 +218,24 @@ def spawn_learner(cfg: Config, roles: Roles, pg: PlacementGroup, name: str = "le
 
 
 def join_ranks(ranks: list[Any], timeout_s: float) -> None:
-    """Forms the DDP group of the learner actors ``ranks`` (rank 0 first), waiting at most ``timeout_s``."""
+    """Forms the DDP group of the learner actors ``ranks`` (rank 0 first), waiting at most ``timeout_s``.
+
+    A rank that dies while joining raises its error at once (the others would wait for it until
+    their timeout), and a failed join kills every rank: a rank left waiting in the rendezvous
+    would hold its bundle from the group that replaces it."""
     address = ranks[0].rendezvous.remote()  # every rank's join waits for it: no round trip here
-    ray.get([r.join.remote(address, timeout_s) for r in ranks], timeout=timeout_s)
+    pending = [r.join.remote(address, timeout_s) for r in ranks]
+    deadline = time.monotonic() + timeout_s
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise ray.exceptions.GetTimeoutError(f"the learner's ranks did not join within {timeout_s:g}s")
+            ray.get(done)
+    except BaseException:
+        for rank in ranks:
+            ray.kill(rank, no_restart=True)
+        raise
 
 
 def spawn(cfg: Config, roles: Roles, pg: PlacementGroup, functions: dict[str, Any] | None = None) -> Fleet:

@@ -212,11 +212,15 @@ class Recovery:
         """A new learner (its ranks in the lost one's bundles, ``start_learner`` returning their
         handles, rank 0 first, or a one-rank learner's handle), once rank 0 answers; returns rank 0. Every rank of the old one is
         killed first (an unreachable rank may still run, hold its bundle, or wait on the others
-        in a collective). LearnerLost if the new one dies before it answers."""
+        in a collective). LearnerLost if the new one dies before it answers, a rank of it
+        included while the ranks join their group."""
         self._spend(["learner"], "the learner", reason)
         for rank in self.fleet.learner_ranks:
             self.calls.kill(rank)
-        new = self.start_learner()  # rank 0's handle, or every rank's
+        try:
+            new = self.start_learner()  # rank 0's handle, or every rank's
+        except self.calls.lost as err:
+            raise LearnerLost(f"a rank of the new learner died while the ranks joined ({one_line(err)})") from None
         self.fleet.learner, *self.fleet.other_ranks = new if isinstance(new, list) else [new]
         self.pings["learner"] = self._until_alive(self.fleet.learner, "the new learner", restarts=False)
         return self.fleet.learner
