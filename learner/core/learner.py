@@ -8,7 +8,7 @@ its ranks, the weights for rollout actors, checkpoints and the exported policy.
 
 Data parallelism is torch's: once the actor has joined the ranks' process group
 (``join_group``), the with-grad policy pass is wrapped in ``DistributedDataParallel``. Every
-rank runs every step on its own contiguous slice of each minibatch's rows (``forward.share``);
+rank runs every step on its own contiguous slice of each minibatch's rows (``group.RankGroup``);
 each slice's loss is its share of the whole minibatch's (``ppo.ppo_objective`` with the whole
 minibatch's token count) times the world size, so DDP's gradient average is the whole
 minibatch's gradient: the step the reference takes, up to the order of float sums. The no-grad
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -27,13 +26,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from learner.config import PPOConfig
 from learner.core import ppo
-from learner.core.forward import (PaddedBatch, RowOrder, TokenOutputs, forward, minibatches, pad_batch, scatter,
-                                  share)
+from learner.core.forward import PaddedBatch, RowOrder, TokenOutputs, forward, minibatches, pad_batch, scatter
+from learner.core.group import RankGroup, data_parallel
 from learner.core.models import (PolicyWithValueHead, add_lora, enable_gradient_checkpointing, load_policy,
                                  load_tokenizer)
 
@@ -73,6 +71,14 @@ def _check_finite_grads(model: torch.nn.Module, intact: bool) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
         raise NonFiniteError("non-finite gradient", intact)
+
+
+def _check_batch(queries: list[list[int]], responses: list[list[int]], scores: list[float], n: int) -> None:
+    if not len(queries) == len(responses) == len(scores) == n:
+        raise ValueError(f"step needs ppo.batch_size={n} rollouts, got {len(queries)} queries, "
+                         f"{len(responses)} responses, {len(scores)} scores")
+    if any(len(r) == 0 for r in responses) or any(len(q) == 0 for q in queries):
+        raise ValueError("every query and response needs at least one token")
 
 
 def _check_finite(what: str, tensor: torch.Tensor, intact: bool) -> None:
@@ -118,18 +124,14 @@ class PPOLearner:
         self.row_order: RowOrder = row_order or self.rng.permutation  # checkpoints save self.rng's state
         self.version = 0  # bumped after every step's updates; rollouts report which they used
         self.pad_id = self.tokenizer.eos_token_id
-        self.rank, self.world = 0, 1
+        self.group = RankGroup()
         self.train_pass: nn.Module = PolicyPass(self.model, ppo_cfg, self.device)
 
     def join_group(self) -> None:
         """This learner becomes one rank of the default process group (the caller has
         initialised it): DDP wraps the with-grad pass and starts every rank from rank 0's weights."""
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        ddp = nn.parallel.DistributedDataParallel
-        # The model's buffers are constants: no sync before every forward (its keyword since torch 2.13).
-        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                else {"broadcast_buffers": False})
-        self.train_pass = ddp(self.train_pass, **sync)
+        self.group = RankGroup.joined()
+        self.train_pass = data_parallel(self.train_pass)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -155,30 +157,11 @@ class PPOLearner:
         with torch.no_grad(), off:
             return forward(lm, batch, self.device, self.cfg.length_buckets, self.cfg.bf16).logp
 
-    # ------------------------------------------------------------------ rows over ranks
-
-    def _gather(self, part: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The rows of every rank's ``share`` of ``idx`` (this rank's are ``part``), in ``idx`` order."""
-        if self.world == 1:
-            return part
-        sizes = [len(share(idx, r, self.world)) for r in range(self.world)]
-        padded = torch.zeros((max(sizes), *part.shape[1:]), dtype=part.dtype, device=part.device)
-        padded[:len(part)] = part.detach()
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
-
     def _orders(self) -> torch.Tensor:
-        """(ppo_epochs, B) row orders, rank 0's on every rank (each draws the same from the same
-        seed and checkpoint; the broadcast makes sure)."""
+        """(ppo_epochs, B) row orders, rank 0's on every rank."""
         n = self.cfg.batch_size
-        orders = torch.tensor(np.asarray([self.row_order(n) for _ in range(self.cfg.ppo_epochs)]).reshape(-1, n),
-                              dtype=torch.long)
-        if self.world > 1:
-            on_device = orders.to(self.device)  # NCCL moves GPU tensors only
-            dist.broadcast(on_device, src=0)
-            orders = on_device.cpu()
-        return orders
+        orders = np.asarray([self.row_order(n) for _ in range(self.cfg.ppo_epochs)]).reshape(-1, n)
+        return self.group.same_on_every_rank(torch.tensor(orders, dtype=torch.long), self.device)
 
     # ------------------------------------------------------------------ the PPO step
 
@@ -192,7 +175,7 @@ class PPOLearner:
         the previous update (ppo.max_lag=1) that policy is one update behind the learner,
         and the PPO ratio must be taken against it.
         """
-        self._check_batch(queries, responses, scores)
+        _check_batch(queries, responses, scores, self.cfg.batch_size)
         t0 = time.perf_counter()
         scores_t = torch.tensor(scores, dtype=torch.float32)
         _check_finite("reward scores", scores_t, intact=True)
@@ -220,21 +203,13 @@ class PPOLearner:
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size)
         return {**stats, "time/learner/forward": t1 - t0, "time/learner/update": t2 - t1}
 
-    def _check_batch(self, queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> None:
-        n = self.cfg.batch_size
-        if not len(queries) == len(responses) == len(scores) == n:
-            raise ValueError(f"step needs ppo.batch_size={n} rollouts, got {len(queries)} queries, "
-                             f"{len(responses)} responses, {len(scores)} scores")
-        if any(len(r) == 0 for r in responses) or any(len(q) == 0 for q in queries):
-            raise ValueError("every query and response needs at least one token")
-
     def _reuses_rollout_pass(self) -> bool:
         """With one minibatch per epoch (the recipe) the first minibatch is the whole batch under
         the rollout weights, so the reference computes the same forward pass twice; here it runs
         once, with grad, and serves both. Not with micro-batches: the with-grad pass over a whole
         share is what they avoid."""
         cfg = self.cfg
-        one_part = not cfg.micro_batch_size or cfg.micro_batch_size >= -(-cfg.mini_batch_size // self.world)
+        one_part = not cfg.micro_batch_size or cfg.micro_batch_size >= -(-cfg.mini_batch_size // self.group.world)
         return cfg.mini_batch_size == cfg.batch_size and one_part
 
     def _rollout_values(self, batch: PaddedBatch, behaviour_logprobs: list[list[float]] | None,
@@ -247,7 +222,7 @@ class PPOLearner:
         n, mask = self.cfg.batch_size, batch.mask.to(self.device)
         reuse = self._reuses_rollout_pass()
         rows = first if reuse else torch.arange(n)
-        own = batch.rows(share(rows, self.rank, self.world))
+        own = batch.rows(self.group.own(rows))
         reusable = None
         if reuse:
             reusable = self._train_forward(own)
@@ -258,7 +233,7 @@ class PPOLearner:
 
         def whole(part: torch.Tensor) -> torch.Tensor:
             out = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device)
-            out[rows.to(part.device)] = self._gather(part, rows)
+            out[rows.to(part.device)] = self.group.gather(part, rows)
             return out
 
         logp_ref, logp_old, v_old = whole(self._reference_logp(own)), whole(old.logp), whole(old.values)
@@ -275,21 +250,21 @@ class PPOLearner:
         """One gradient step on the minibatch ``idx``: this rank's share of its rows, in
         micro-batches whose gradients accumulate (DDP synchronises after the last), then the
         whole minibatch's statistics, the finiteness checks and Adam's step."""
-        cfg, own = self.cfg, share(idx, self.rank, self.world)
+        cfg, group = self.cfg, self.group
         n_tokens = old.mask[idx].sum()  # the whole minibatch's, on every rank
-        parts = [own] if reused is not None else self._micro_batches(own)
+        parts = [group.own(idx)] if reused is not None else self._micro_batches(group.own(idx))
         self.optimizer.zero_grad(set_to_none=False)
         outputs = []
         for j, rows in enumerate(parts):
             last = j == len(parts) - 1
-            with contextlib.nullcontext() if last or self.world == 1 else self.train_pass.no_sync():
+            with contextlib.nullcontext() if last or group.world == 1 else self.train_pass.no_sync():
                 out = reused if reused is not None else self._train_forward(batch.rows(rows))
                 obj = ppo.ppo_objective(out.logp, old.logp[rows], out.values, values[rows], advantages[rows],
                                         returns[rows], old.mask[rows], cfg.cliprange, cfg.cliprange_value,
                                         cfg.vf_coef, n_tokens=n_tokens)
-                (obj.loss * self.world).backward()  # DDP averages over ranks: the sum is the whole's
+                (obj.loss * group.world).backward()  # DDP averages over ranks: the sum is the whole's
             outputs.append(out.detach())
-        new = {name: self._gather(torch.cat([getattr(o, name) for o in outputs]), idx)
+        new = {name: group.gather(torch.cat([getattr(o, name) for o in outputs]), idx)
                for name in ("logp", "values", "entropy")}
         with torch.no_grad():  # the statistics, and the ratio check, of the whole minibatch
             loss = ppo.ppo_loss(new["logp"], old.logp[idx], new["values"], values[idx], advantages[idx],
