@@ -475,8 +475,9 @@ def train(cfg: Config, functions: dict[str, RewardFunction] | None = None) -> Pa
     try:
         driver = Driver(cfg, run, stream, tokenizer, eval_queries, functions)
         for name, where in driver.plan.items():
+            ranks = f"  each of {where['ranks']} DDP ranks" if where.get("ranks", 1) > 1 else ""
             print(f"plan: {name:<10} on {where['node']}  {where['gpus']:g} GPU  {where['cpus']:g} CPU  "
-                  f"({where['device']})", flush=True)
+                  f"({where['device']}){ranks}", flush=True)
         # 3. resume (a learner lost while it loads the checkpoint is replaced, at that checkpoint)
         start = 0
         if resume_from is not None:

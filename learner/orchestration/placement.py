@@ -148,16 +148,19 @@ def resolve_roles(cfg: Config) -> Roles:
 
 
 def describe(cfg: Config, roles: Roles, pings: dict[str, dict]) -> dict[str, dict[str, Any]]:
-    """The plan as it landed, per actor: node address, GPU share and CPUs it reserved, device.
+    """The plan as it landed, per actor: node address, GPU share and CPUs it reserved, device;
+    for the learner, these are rank 0's and each other rank's, and ``ranks`` says how many.
     The driver prints it at start and actors.json records it (with each actor's pid)."""
     n, r = cfg.cluster.num_rollout_workers, cfg.cluster.num_reward_workers
     shares = {"learner": (roles.learner_gpus, roles.learner_cpus)}  # each rank's
     shares.update({f"rollout-{i}": (roles.rollout_gpus, 0.0) for i in range(n)})
     shares.update({f"rewards-{i}": (roles.reward_gpus, 0.0) for i in range(r)})
     address = {nd["NodeID"]: nd.get("NodeManagerAddress", "?") for nd in ray.nodes()}
-    return {name: {"node": address.get(pings.get(name, {}).get("node_id"), "?"), "gpus": gpus, "cpus": cpus,
+    plan = {name: {"node": address.get(pings.get(name, {}).get("node_id"), "?"), "gpus": gpus, "cpus": cpus,
                    "device": pings.get(name, {}).get("device", "?")}
             for name, (gpus, cpus) in shares.items()}
+    plan["learner"]["ranks"] = cfg.cluster.learner_processes
+    return plan
 
 
 def reserve(cfg: Config, roles: Roles) -> PlacementGroup:
