@@ -29,7 +29,7 @@ import torch
 from transformers import (AutoModelForCausalLM, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
-from actors.sampling import InverseCdfSampling, Sampler, choose_sampler, sample_responses
+from actors.sampling import InverseCdfSampling, Sampler, choose_sampler, eos_tuple, sample_responses
 from modelhost.loading import load_model_and_tokenizer
 from modelhost.process import process_info, resolve_device
 from modelhost.weights import distinct_tensors, from_numpy, merge_lora, tied_duplicates, to_numpy
@@ -178,8 +178,7 @@ def end_ids(eos_id: int, model: Any) -> tuple[int, ...]:
     generation config names (chat models end a turn with their own token: Llama 3's
     ``<|eot_id|>``, Qwen's ``<|im_end|>``), as ``generate`` stops at any of them."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
-    return tuple(dict.fromkeys([eos_id, *(int(i) for i in configured)]))
+    return tuple(dict.fromkeys([eos_id, *(() if configured is None else eos_tuple(configured))]))
 
 
 class RolloutWorker:

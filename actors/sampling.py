@@ -36,7 +36,8 @@ EosIds = int | Sequence[int]
 """The token id(s) that end a response; the first is also the padding ``generate`` is given."""
 
 
-def _eos_tuple(eos: EosIds) -> tuple[int, ...]:
+def eos_tuple(eos: EosIds) -> tuple[int, ...]:
+    """``eos`` as a tuple of ids."""
     return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
 
 
@@ -144,7 +145,7 @@ def sample_responses(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     warper) in fp32: the policy's own log pi(token | prefix), the quantity PPO's ratio needs.
     """
     device = input_ids.device
-    stop = torch.tensor(_eos_tuple(eos), device=device)
+    stop = torch.tensor(eos_tuple(eos), device=device)
     responses: list[list[int]] = [[] for _ in lengths]
     logprobs: list[list[float]] = [[] for _ in lengths]
     rows = list(range(len(lengths)))  # the rows still sampling, as indices into the batch
@@ -217,17 +218,17 @@ def generate_responses(model: PreTrainedModel, input_ids: torch.Tensor, attentio
     the loop does, for left padding). Only the generation config given here counts: the model's
     own (generation_config.json: penalties, minimum lengths, ...) is set aside for the call.
     """
-    width, eos = input_ids.shape[1], _eos_tuple(eos)
-    limit = torch.tensor(list(lengths), device=input_ids.device)  # (B,)
+    width, eos = input_ids.shape[1], eos_tuple(eos)
+    limit, stop = torch.tensor(list(lengths), device=input_ids.device), torch.tensor(eos, device=input_ids.device)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max(lengths), min_length=0,
                               eos_token_id=list(eos), pad_token_id=eos[0],
                               output_logits=True, return_dict_in_generate=True)
     own, model.generation_config = model.generation_config, GenerationConfig()
     try:
         with torch.no_grad():
+            picks = LogitsProcessorList([_SamplingRowsOnly(processors, width, limit, stop)])
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 logits_processor=LogitsProcessorList(
-                                     [_SamplingRowsOnly(processors, width, limit, torch.tensor(eos, device=input_ids.device))]),
+                                 logits_processor=picks,
                                  stopping_criteria=StoppingCriteriaList([_DrawnLengths(width, limit)]))
     finally:
         model.generation_config = own

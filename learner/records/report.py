@@ -355,20 +355,20 @@ def write_markdown(rows: list[dict], path: Path, title: str, note: str) -> Path:
 
 # ----------------------------------------------------------------------------- all of it
 
-def reward_words(cfg: "Config") -> str:
-    """The run's reward in words, for the table's note."""
+def reward_words(cfg: "Config", sources: bool = True) -> str:
+    """The run's reward in words: the classifier's label logit, or the weighted sum of its
+    sources. ``sources`` names each one's model, function or URL (the table's note); the
+    figure's axis (``reward_axis``) goes without."""
     r = cfg.reward
     if not (r.function or r.url or r.sources):
-        return f"{r.positive_label} logit of `{r.model}` on query + response"
-    return " + ".join(f"{s.weight:g} * {s.name} (`{s.model or s.function or s.url}`)" for s in r.source_specs())
+        return f"{r.positive_label} logit" + (f" of `{r.model}` on query + response" if sources else "")
+    return " + ".join(f"{s.weight:g} * {s.name}" + (f" (`{s.model or s.function or s.url}`)" if sources else "")
+                      for s in r.source_specs())
 
 
 def reward_axis(cfg: "Config") -> str:
-    """The figure's axis label: the classifier's label logit, or the sources of the reward."""
-    r = cfg.reward
-    if not (r.function or r.url or r.sources):
-        return f"reward ({r.positive_label} logit)"
-    return "reward (" + " + ".join(f"{s.weight:g} * {s.name}" for s in r.source_specs()) + ")"
+    """The figure's axis label."""
+    return f"reward ({reward_words(cfg, sources=False)})"
 
 
 def make_report(run_dir: Path, n_queries: int = 16, seed: int = 0,
